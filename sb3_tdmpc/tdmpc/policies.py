@@ -1,0 +1,367 @@
+"""TD-MPC's world model (TOLD) and its sampling-based planner.
+
+Notation follows Hansen et al. (2022): encoder ``h``, latent dynamics ``d``, reward ``R``,
+policy prior ``pi`` and the twin action-value functions ``Q``. Actions live in [-1, 1]; the
+policy unscales them to the environment's bounds (``squash_output=True``).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch as th
+import torch.nn.functional as F
+from gymnasium import spaces
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from torch import nn
+
+
+def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
+    """Linear-ELU layers, then a linear output (TD-MPC's ``h.mlp`` and state encoder)."""
+    layers: list[nn.Module] = []
+    for dim in hidden_dims:
+        layers += [nn.Linear(in_dim, dim), nn.ELU()]
+        in_dim = dim
+    layers.append(nn.Linear(in_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+class QEnsemble(nn.Module):
+    """
+    ``num_q`` action-value functions, each Linear-LayerNorm-Tanh-Linear-ELU-Linear, evaluated as one
+    batched matmul chain (``baddbmm``) rather than ``num_q`` separate networks.
+
+    :param in_dim: Size of the input (latent + action)
+    :param hidden_dim: Width of the hidden layers
+    :param num_q: Number of Q-functions in the ensemble
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, num_q: int = 2) -> None:
+        super().__init__()
+        self.num_q, self.hidden_dim = num_q, hidden_dim
+        self.weights = nn.ParameterList(
+            [
+                nn.Parameter(th.empty(num_q, n_in, n_out))
+                for n_in, n_out in [(in_dim, hidden_dim), (hidden_dim, hidden_dim), (hidden_dim, 1)]
+            ]
+        )
+        self.biases = nn.ParameterList(
+            [nn.Parameter(th.zeros(num_q, 1, n_out)) for n_out in (hidden_dim, hidden_dim, 1)]
+        )
+        self.norm_weight = nn.Parameter(th.ones(num_q, 1, hidden_dim))
+        self.norm_bias = nn.Parameter(th.zeros(num_q, 1, hidden_dim))
+        with th.no_grad():
+            for weight in self.weights[:-1]:
+                for member in range(num_q):
+                    # Orthogonal like nn.Linear's (out, in) weight, stored transposed for baddbmm.
+                    nn.init.orthogonal_(weight[member].T)
+        # TD-MPC zeroes the output layer of Q.
+        nn.init.zeros_(self.weights[-1])
+
+    def forward(self, z: th.Tensor, action: th.Tensor) -> th.Tensor:
+        """
+        :param z: Latent states ``[..., latent_dim]``
+        :param action: Actions ``[..., action_dim]``
+        :return: Q-values ``[num_q, ..., 1]``
+        """
+        x = th.cat([z, action], dim=-1)
+        batch_shape = x.shape[:-1]
+        x = x.reshape(1, -1, x.shape[-1]).expand(self.num_q, -1, -1)
+        (w1, w2, w3), (b1, b2, b3) = self.weights, self.biases
+        x = th.baddbmm(b1, x, w1)
+        x = th.tanh(F.layer_norm(x, (self.hidden_dim,)) * self.norm_weight + self.norm_bias)
+        x = F.elu(th.baddbmm(b2, x, w2))
+        x = th.baddbmm(b3, x, w3)
+        return x.reshape(self.num_q, *batch_shape, 1)
+
+
+class WorldModel(nn.Module):
+    """
+    TOLD, TD-MPC's task-oriented latent dynamics model.
+
+    :param obs_dim: Size of the (flat) observation
+    :param action_dim: Size of the action
+    :param latent_dim: Size of the latent state z
+    :param mlp_dim: Width of the dynamics, reward, policy and Q networks
+    :param enc_dim: Width of the state encoder
+    :param num_q: Number of Q-functions
+    """
+
+    def __init__(
+        self,
+        obs_dim: int,
+        action_dim: int,
+        latent_dim: int = 50,
+        mlp_dim: int = 512,
+        enc_dim: int = 256,
+        num_q: int = 2,
+    ) -> None:
+        super().__init__()
+        self.encoder = mlp(obs_dim, [enc_dim], latent_dim)
+        self.dynamics = mlp(latent_dim + action_dim, [mlp_dim, mlp_dim], latent_dim)
+        self.reward = mlp(latent_dim + action_dim, [mlp_dim, mlp_dim], 1)
+        self.pi_net = mlp(latent_dim, [mlp_dim, mlp_dim], action_dim)
+        self.q = QEnsemble(latent_dim + action_dim, mlp_dim, num_q)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.orthogonal_(module.weight)
+                nn.init.zeros_(module.bias)
+        # TD-MPC zeroes the reward output layer, so early value estimates start at 0.
+        nn.init.zeros_(self.reward[-1].weight)
+
+    def encode(self, obs: th.Tensor) -> th.Tensor:
+        """z = h(s)"""
+        return self.encoder(obs)
+
+    def next(self, z: th.Tensor, action: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+        """z' = d(z, a), r = R(z, a)"""
+        za = th.cat([z, action], dim=-1)
+        return self.dynamics(za), self.reward(za)
+
+    def pi(self, z: th.Tensor, std: float = 0.0) -> th.Tensor:
+        """
+        a = tanh(pi(z)), plus Gaussian noise of scale ``std`` clipped to +-0.3, the result kept in
+        (-1, 1) with a straight-through gradient (TD-MPC's ``TruncatedNormal.sample(clip=0.3)``).
+        """
+        mu = th.tanh(self.pi_net(z))
+        if std <= 0:
+            return mu
+        noisy = mu + (th.randn_like(mu) * std).clamp(-0.3, 0.3)
+        return noisy + (noisy.clamp(-1 + 1e-6, 1 - 1e-6) - noisy).detach()
+
+
+class TDMPCPolicy(BasePolicy):
+    """
+    TD-MPC policy: the world model, its EMA target, and the planner that acts with them.
+
+    ``predict`` plans with MPPI over the latent model. The warm start (the previous plan's mean,
+    shifted by one step) is carried per environment in predict's ``state``, so that training
+    environments and evaluation environments never share it; it resets at ``episode_start``.
+
+    :param observation_space: Observation space (1-D Box)
+    :param action_space: Action space (Box)
+    :param lr_schedule: Learning rate schedule (constant in TD-MPC)
+    :param latent_dim: Size of the latent state
+    :param mlp_dim: Width of the dynamics, reward, policy and Q networks
+    :param enc_dim: Width of the state encoder
+    :param num_q: Number of Q-functions
+    :param gamma: Discount factor used by the planner's return estimate
+    :param horizon: Largest planning horizon (the algorithm schedules ``planning_horizon`` up to it)
+    :param planning_iterations: MPPI iterations per step
+    :param num_samples: Action sequences sampled from the planner's Gaussian per iteration
+    :param num_elites: Sequences kept to refit the Gaussian
+    :param policy_fraction: Share of ``num_samples`` added as trajectories of the policy prior
+    :param temperature: Softmax temperature over elite returns
+    :param momentum: Weight of the previous mean when refitting
+    :param min_std: Noise scale of the policy prior's actions (planning and TD targets)
+    :param max_std: Initial standard deviation of the planner's Gaussian
+    :param optimizer_class: Optimizer of the world model and of the policy prior
+    :param optimizer_kwargs: Extra arguments for the optimizer
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        latent_dim: int = 50,
+        mlp_dim: int = 512,
+        enc_dim: int = 256,
+        num_q: int = 2,
+        gamma: float = 0.99,
+        horizon: int = 5,
+        planning_iterations: int = 6,
+        num_samples: int = 512,
+        num_elites: int = 64,
+        policy_fraction: float = 0.05,
+        temperature: float = 0.5,
+        momentum: float = 0.1,
+        min_std: float = 0.05,
+        max_std: float = 2.0,
+        optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
+        optimizer_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            observation_space,
+            action_space,
+            optimizer_class=optimizer_class,
+            optimizer_kwargs=optimizer_kwargs,
+            squash_output=True,
+            normalize_images=False,
+        )
+        if not (isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 1):
+            raise ValueError(f"TDMPCPolicy needs a 1-D Box observation space, got {observation_space}")
+        if num_elites > num_samples:
+            raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
+        self.latent_dim, self.mlp_dim, self.enc_dim, self.num_q = latent_dim, mlp_dim, enc_dim, num_q
+        self.gamma = gamma
+        self.horizon = horizon
+        self.planning_iterations = planning_iterations
+        self.num_samples = num_samples
+        self.num_elites = num_elites
+        self.policy_fraction = policy_fraction
+        self.num_policy_trajectories = int(policy_fraction * num_samples)
+        self.temperature = temperature
+        self.momentum = momentum
+        self.min_std = min_std
+        self.max_std = max_std
+        # Scheduled by the algorithm from its step count; these are the values at step 0.
+        self.planning_horizon = 1
+        self.std_floor = 0.5
+
+        self.action_dim = int(np.prod(action_space.shape))
+        self.model = WorldModel(
+            observation_space.shape[0], self.action_dim, latent_dim, mlp_dim, enc_dim, num_q
+        )
+        # The target network is only ever read through h (consistency targets) and Q (TD targets).
+        self.target = nn.ModuleDict(
+            {"encoder": copy.deepcopy(self.model.encoder), "q": copy.deepcopy(self.model.q)}
+        )
+        self.target.requires_grad_(False)
+
+        lr = lr_schedule(1)
+        model_params = [p for name, p in self.model.named_parameters() if not name.startswith("pi_net.")]
+        self.optimizer = self.optimizer_class(model_params, lr=lr, **self.optimizer_kwargs)
+        self.pi_optimizer = self.optimizer_class(
+            self.model.pi_net.parameters(), lr=lr, **self.optimizer_kwargs
+        )
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            latent_dim=self.latent_dim,
+            mlp_dim=self.mlp_dim,
+            enc_dim=self.enc_dim,
+            num_q=self.num_q,
+            gamma=self.gamma,
+            horizon=self.horizon,
+            planning_iterations=self.planning_iterations,
+            num_samples=self.num_samples,
+            num_elites=self.num_elites,
+            policy_fraction=self.policy_fraction,
+            temperature=self.temperature,
+            momentum=self.momentum,
+            min_std=self.min_std,
+            max_std=self.max_std,
+            optimizer_class=self.optimizer_class,
+            optimizer_kwargs=self.optimizer_kwargs,
+        )
+        return data
+
+    def ema_parameter_pairs(self) -> tuple[list[th.Tensor], list[th.Tensor]]:
+        """(online, target) parameters that the EMA update blends."""
+        online = [*self.model.encoder.parameters(), *self.model.q.parameters()]
+        return online, [*self.target.encoder.parameters(), *self.target.q.parameters()]
+
+    # ------------------------------------------------------------------ planning
+
+    def estimate_value(self, z: th.Tensor, actions: th.Tensor) -> th.Tensor:
+        """
+        G = sum_t gamma^t R(z_t, a_t) + gamma^H min Q(z_H, pi(z_H)).
+
+        :param z: Start latents ``[..., latent_dim]``
+        :param actions: Action sequences ``[H, ..., action_dim]``
+        :return: Returns ``[..., 1]``
+        """
+        value, discount = th.zeros((), device=z.device), 1.0
+        for action in actions:
+            z, reward = self.model.next(z, action)
+            value = value + discount * reward
+            discount *= self.gamma
+        return value + discount * self.model.q(z, self.model.pi(z, self.min_std)).min(dim=0).values
+
+    def plan(
+        self, obs: th.Tensor, warm_start: th.Tensor | None = None, explore: bool = False
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """
+        Plan an action for each environment in one batch.
+
+        :param obs: Observations ``[E, obs_dim]``
+        :param warm_start: The previous step's plan means ``[E, H', A]`` (any H'), already zeroed for
+            environments that start an episode; None plans from scratch.
+        :param explore: Add exploration noise of the final planner std to the action
+        :return: Actions in [-1, 1] ``[E, A]`` and this step's plan means ``[E, H, A]``
+        """
+        horizon, num_envs, action_dim = self.planning_horizon, obs.shape[0], self.action_dim
+        num_samples, num_pi, num_elites = self.num_samples, self.num_policy_trajectories, self.num_elites
+        z = self.model.encode(obs)
+
+        # Trajectories of the policy prior, rolled out once and re-scored in every iteration.
+        pi_actions = obs.new_empty(horizon, num_envs, num_pi, action_dim)
+        z_pi = z.unsqueeze(1).expand(num_envs, num_pi, -1)
+        for t in range(horizon):
+            pi_actions[t] = self.model.pi(z_pi, self.min_std)
+            z_pi, _ = self.model.next(z_pi, pi_actions[t])
+
+        # Warm start from the previous plan, shifted by one step.
+        mean = obs.new_zeros(horizon, num_envs, action_dim)
+        if warm_start is not None:
+            shifted = warm_start.transpose(0, 1)[1:horizon]
+            mean[: len(shifted)] = shifted
+        std = th.full_like(mean, self.max_std)
+
+        z = z.unsqueeze(1).expand(num_envs, num_samples + num_pi, -1)
+        for _ in range(self.planning_iterations):
+            noise = th.randn(horizon, num_envs, num_samples, action_dim, device=obs.device)
+            actions = (mean.unsqueeze(2) + std.unsqueeze(2) * noise).clamp(-1, 1)
+            actions = th.cat([actions, pi_actions], dim=2)
+            value = self.estimate_value(z, actions).squeeze(-1).nan_to_num(0.0)
+
+            elite_value, elite_idx = value.topk(num_elites, dim=1)
+            elite_actions = actions.gather(2, elite_idx[None, :, :, None].expand(horizon, -1, -1, action_dim))
+            # score_i ~ exp(temperature * G_i), normalised over the elites
+            score = th.softmax(self.temperature * elite_value, dim=1)[None, :, :, None]
+            new_mean = (score * elite_actions).sum(dim=2)
+            new_std = (score * (elite_actions - new_mean.unsqueeze(2)) ** 2).sum(dim=2).sqrt()
+            mean = self.momentum * mean + (1 - self.momentum) * new_mean
+            std = new_std.clamp(self.std_floor, self.max_std)
+
+        # Act with one elite sequence drawn by score, as TD-MPC does.
+        choice = th.multinomial(score[0, :, :, 0], 1)
+        action = elite_actions[0].gather(1, choice[:, :, None].expand(-1, -1, action_dim)).squeeze(1)
+        if explore:
+            action = (action + std[0] * th.randn_like(action)).clamp(-1, 1)
+        return action, mean.transpose(0, 1)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        actions, _ = self.plan(observation, explore=not deterministic)  # type: ignore[arg-type]
+        return actions
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """
+        Plan actions, carrying the planner's warm start in ``state``.
+
+        :param observation: The input observation(s)
+        :param state: ``(plan_means,)`` returned by the previous call for the same environments, or None
+        :param episode_start: Which environments start a new episode (their warm start is dropped)
+        :param deterministic: Plan without exploration noise
+        :return: The actions and the new state ``(plan_means,)`` of shape ``[n_envs, horizon, action_dim]``
+        """
+        self.set_training_mode(False)
+        obs_tensor, vectorized_env = self.obs_to_tensor(observation)
+        warm_start = None
+        if state is not None:
+            plan_means = np.array(state[0], dtype=np.float32, copy=True)
+            if len(plan_means) != len(obs_tensor):
+                raise ValueError(f"state holds {len(plan_means)} environments, observation {len(obs_tensor)}")
+            if episode_start is not None:
+                plan_means[np.asarray(episode_start, dtype=bool).reshape(-1)] = 0.0
+            warm_start = th.as_tensor(plan_means, device=self.device)
+        with th.no_grad():
+            actions, plan_means = self.plan(obs_tensor, warm_start, explore=not deterministic)  # type: ignore[arg-type]
+        actions_np = self.unscale_action(actions.cpu().numpy().reshape((-1, *self.action_space.shape)))
+        if not vectorized_env:
+            actions_np = actions_np.squeeze(axis=0)
+        return actions_np, (plan_means.cpu().numpy(),)
+
+
+MlpPolicy = TDMPCPolicy

@@ -1,0 +1,419 @@
+"""TD-MPC: Temporal Difference Learning for Model Predictive Control (Hansen et al., 2022)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import LinearSchedule, polyak_update
+
+from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples
+from sb3_tdmpc.tdmpc.policies import MlpPolicy, TDMPCPolicy
+
+SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
+
+
+def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
+    """Value at ``step`` of a linear ramp from ``start`` to ``end`` over ``duration`` steps."""
+    return LinearSchedule(start, end, end_fraction=1.0)(1.0 - step / max(duration, 1))
+
+
+class TDMPC(OffPolicyAlgorithm):
+    """
+    TD-MPC: Temporal Difference Learning for Model Predictive Control.
+
+    Paper: https://arxiv.org/abs/2203.04955, official code: https://github.com/nicklashansen/tdmpc.
+    The defaults are the official TD-MPC settings. Schedules (planning horizon, planner std) count
+    environment steps (``num_timesteps``), not SB3's training progress.
+
+    :param policy: The policy model to use ("MlpPolicy"); an environment id here (``TDMPC("reach-v3")``)
+        means ``TDMPC("MlpPolicy", "reach-v3")``
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: Learning rate of the world model and of the policy prior
+    :param buffer_size: Size of the replay buffer
+    :param learning_starts: Seed steps: uniformly random actions before planning and learning start
+    :param batch_size: Sequences per gradient step
+    :param tau: Soft update coefficient of the target network
+    :param gamma: Discount factor
+    :param train_freq: Update the model every ``train_freq`` steps (int or tuple, as in SB3)
+    :param gradient_steps: Gradient steps after each rollout (-1: as many as environment steps collected)
+    :param action_noise: Extra action noise (TD-MPC explores through the planner's std; usually None)
+    :param replay_buffer_class: Replay buffer class; must provide ``sample_sequences`` and
+        ``update_priorities`` (default: ``PrioritizedReplayBuffer``)
+    :param replay_buffer_kwargs: Keyword arguments of the replay buffer (``alpha``, ``beta``, ...)
+    :param optimize_memory_usage: Not supported (sequence sampling needs every final observation)
+    :param horizon: Length H of the training sequences and largest planning horizon
+    :param horizon_warmup_steps: Steps over which the planning horizon grows linearly from 1 to ``horizon``
+    :param rho: Temporal weight rho^t of the loss at step t of a sequence
+    :param consistency_coef: Weight of the latent state consistency loss
+    :param reward_coef: Weight of the reward loss
+    :param value_coef: Weight of the TD value loss
+    :param target_update_interval: Update the target network every ``target_update_interval`` gradient steps
+    :param max_grad_norm: Gradient norm clipping of both optimizers
+    :param exploration_initial_std: Planner std floor at step 0
+    :param exploration_final_std: Planner std floor after ``exploration_decay_steps``
+    :param exploration_decay_steps: Steps over which the std floor decays linearly
+    :param seed_updates: Gradient steps taken at once when the seed phase ends (default:
+        ``learning_starts``, as TD-MPC pretrains on its seed data); 0 disables
+    :param planning_iterations: MPPI iterations per environment step
+    :param num_samples: Action sequences sampled per iteration
+    :param num_elites: Elite sequences used to refit the sampling distribution
+    :param policy_fraction: Share of ``num_samples`` added as policy prior trajectories
+    :param temperature: Softmax temperature over elite returns
+    :param momentum: Weight of the previous mean when refitting
+    :param min_std: Noise of the policy prior's actions (in planning and in TD targets)
+    :param policy_kwargs: Network sizes (``latent_dim``, ``mlp_dim``, ``enc_dim``, ``num_q``) and optimizer
+    :param stats_window_size: Window size for the rollout logging (episodes)
+    :param tensorboard_log: The log location for tensorboard (if None, no logging)
+    :param verbose: Verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": MlpPolicy}
+    policy: TDMPCPolicy
+    replay_buffer: PrioritizedReplayBuffer
+
+    def __init__(
+        self,
+        policy: str | type[TDMPCPolicy] = "MlpPolicy",
+        env: GymEnv | str | None = None,
+        learning_rate: float | Schedule = 1e-3,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 5000,
+        batch_size: int = 512,
+        tau: float = 0.01,
+        gamma: float = 0.99,
+        train_freq: int | tuple[int, str] = 1,
+        gradient_steps: int = 1,
+        action_noise: ActionNoise | None = None,
+        replay_buffer_class: type[ReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        optimize_memory_usage: bool = False,
+        horizon: int = 5,
+        horizon_warmup_steps: int = 25_000,
+        rho: float = 0.5,
+        consistency_coef: float = 2.0,
+        reward_coef: float = 0.5,
+        value_coef: float = 0.1,
+        target_update_interval: int = 2,
+        max_grad_norm: float = 10.0,
+        exploration_initial_std: float = 0.5,
+        exploration_final_std: float = 0.05,
+        exploration_decay_steps: int = 25_000,
+        seed_updates: int | None = None,
+        planning_iterations: int = 6,
+        num_samples: int = 512,
+        num_elites: int = 64,
+        policy_fraction: float = 0.05,
+        temperature: float = 0.5,
+        momentum: float = 0.1,
+        min_std: float = 0.05,
+        policy_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ) -> None:
+        if env is None and isinstance(policy, str) and policy not in self.policy_aliases:
+            policy, env = "MlpPolicy", policy
+        if optimize_memory_usage:
+            raise ValueError(
+                "TDMPC does not support optimize_memory_usage=True: memory-optimised storage drops the final "
+                "observation of each episode, which TD-MPC's sequence losses need."
+            )
+        if horizon < 1:
+            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        super().__init__(
+            policy,
+            env,  # type: ignore[arg-type]
+            learning_rate,
+            buffer_size,
+            learning_starts,
+            batch_size,
+            tau,
+            gamma,
+            train_freq,
+            gradient_steps,
+            action_noise,
+            replay_buffer_class=replay_buffer_class or PrioritizedReplayBuffer,
+            replay_buffer_kwargs=replay_buffer_kwargs,
+            optimize_memory_usage=optimize_memory_usage,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            sde_support=False,
+            support_multi_env=True,
+            supported_action_spaces=(spaces.Box,),
+        )
+        self.horizon = horizon
+        self.horizon_warmup_steps = horizon_warmup_steps
+        self.rho = rho
+        self.consistency_coef = consistency_coef
+        self.reward_coef = reward_coef
+        self.value_coef = value_coef
+        self.target_update_interval = target_update_interval
+        self.max_grad_norm = max_grad_norm
+        self.exploration_initial_std = exploration_initial_std
+        self.exploration_final_std = exploration_final_std
+        self.exploration_decay_steps = exploration_decay_steps
+        self.seed_updates = learning_starts if seed_updates is None else seed_updates
+        # Planner settings live in the policy, which plans; explicit policy_kwargs take precedence.
+        planner_kwargs = dict(
+            gamma=gamma,
+            horizon=horizon,
+            planning_iterations=planning_iterations,
+            num_samples=num_samples,
+            num_elites=num_elites,
+            policy_fraction=policy_fraction,
+            temperature=temperature,
+            momentum=momentum,
+            min_std=min_std,
+        )
+        self.policy_kwargs = {**planner_kwargs, **self.policy_kwargs}
+        # The planner's warm start for the training envs (predict's state), reset at episode starts.
+        self._plan_state: tuple[np.ndarray, ...] | None = None
+
+        if _init_setup_model:
+            self._setup_model()
+
+    def _setup_model(self) -> None:
+        if self.observation_space is not None and not (
+            isinstance(self.observation_space, spaces.Box) and len(self.observation_space.shape) == 1
+        ):
+            raise ValueError(
+                f"TDMPC supports flat (1-D) Box observations, got {self.observation_space}. "
+                "Image and Dict observations are not supported yet: flatten state observations "
+                "(e.g. gymnasium.wrappers.FlattenObservation)."
+            )
+        if not hasattr(self.replay_buffer_class, "sample_sequences"):
+            raise TypeError(
+                f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
+                f"PrioritizedReplayBuffer; got {self.replay_buffer_class}"
+            )
+        if self.horizon >= self.buffer_size // max(self.n_envs, 1):
+            raise ValueError(
+                f"horizon ({self.horizon}) must be smaller than the buffer's length per env "
+                f"({self.buffer_size // max(self.n_envs, 1)})"
+            )
+        super()._setup_model()
+        self._update_schedules()
+
+    def _update_schedules(self) -> None:
+        """Set the planner's horizon and std floor from the number of environment steps taken."""
+        step = self.num_timesteps
+        self.policy.std_floor = linear_schedule(
+            self.exploration_initial_std, self.exploration_final_std, self.exploration_decay_steps, step
+        )
+        self.policy.planning_horizon = int(
+            min(self.horizon, linear_schedule(1, self.horizon, self.horizon_warmup_steps, step))
+        )
+
+    def _on_step(self) -> None:
+        self._update_schedules()
+
+    def _sample_action(
+        self, learning_starts: int, action_noise: ActionNoise | None = None, n_envs: int = 1
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if self.num_timesteps < learning_starts:
+            return super()._sample_action(learning_starts, action_noise, n_envs)
+        action, self._plan_state = self.predict(
+            self._last_obs,  # type: ignore[arg-type]
+            state=self._plan_state,
+            episode_start=self._last_episode_starts,
+            deterministic=False,
+        )
+        buffer_action = self.policy.scale_action(action)
+        if action_noise is not None:
+            buffer_action = np.clip(buffer_action + action_noise(), -1, 1)
+            action = self.policy.unscale_action(buffer_action)
+        return action, buffer_action
+
+    def _store_transition(
+        self,
+        replay_buffer: ReplayBuffer,
+        buffer_action: np.ndarray,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> None:
+        super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
+        # Off-policy SB3 never updates this; the planner's warm start must reset where an episode ended.
+        self._last_episode_starts = dones
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, gradient_steps: int, batch_size: int = 512) -> None:
+        self.policy.set_training_mode(True)
+        self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
+        self._update_schedules()
+        if self._n_updates == 0:
+            gradient_steps = max(gradient_steps, self.seed_updates)
+
+        stats: dict[str, list[th.Tensor]] = {}
+        start = time.perf_counter()
+        for _ in range(gradient_steps):
+            data = self.replay_buffer.sample_sequences(batch_size, self.horizon, env=self._vec_normalize_env)
+            model_stats, latents = self._update_world_model(data)
+            pi_loss = self._update_policy_prior(latents, data.masks)
+            self._n_updates += 1
+            if self._n_updates % self.target_update_interval == 0:
+                polyak_update(*self.policy.ema_parameter_pairs(), self.tau)
+            for key, value in {**model_stats, "pi_loss": pi_loss}.items():
+                stats.setdefault(key, []).append(value)
+        seconds_per_update = (time.perf_counter() - start) / max(gradient_steps, 1)
+
+        for key, values in stats.items():
+            self.logger.record(f"train/{key}", th.stack(values).mean().item())
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/planner_std", self.policy.std_floor)
+        self.logger.record("train/horizon", self.policy.planning_horizon)
+        self.logger.record("train/seconds_per_update", seconds_per_update)
+
+    def _update_world_model(self, data: SequenceSamples) -> tuple[dict[str, th.Tensor], th.Tensor]:
+        """
+        One gradient step on the TOLD losses over H-step sequences, each weighted by rho^t:
+        latent consistency ||d(z_t, a_t) - h_target(s_{t+1})||^2, reward (R(z_t, a_t) - r_t)^2 and
+        TD value sum_Q (Q(z_t, a_t) - y_t)^2 with y_t = r_t + gamma (1 - done_t) min Q_target(z'_t, pi(z'_t)).
+
+        :return: The loss statistics and the detached latent rollout ``[H+1, B, latent_dim]``
+        """
+        model, target, policy = self.policy.model, self.policy.target, self.policy
+        obs, actions, rewards, terminals, masks = (
+            data.observations,
+            data.actions,
+            data.rewards,
+            data.terminals,
+            data.masks,
+        )
+        horizon = actions.shape[0]
+
+        with th.no_grad():
+            # TD-MPC bootstraps from the online encoder and policy, and the target Q.
+            next_z = model.encode(obs[1:])
+            next_q = target.q(next_z, model.pi(next_z, policy.min_std)).min(dim=0).values
+            td_target = rewards + self.gamma * (1.0 - terminals) * next_q
+            consistency_target = target.encoder(obs[1:])
+
+        z = model.encode(obs[0])
+        latents = [z]
+        for t in range(horizon):
+            z = model.dynamics(th.cat([z, actions[t]], dim=-1))
+            latents.append(z)
+        z_rollout = th.stack(latents)
+        z_pred, z_start = z_rollout[1:], z_rollout[:-1]
+        reward_pred = model.reward(th.cat([z_start, actions], dim=-1))
+        q_pred = model.q(z_start, actions)
+
+        # rho^t, zero for steps past the end of the start's episode.
+        weight_t = self.rho ** th.arange(horizon, device=obs.device, dtype=obs.dtype).view(-1, 1, 1) * masks
+        td_error = q_pred - td_target
+        consistency_loss = (weight_t * (z_pred - consistency_target).pow(2).mean(dim=-1, keepdim=True)).sum(0)
+        reward_loss = (weight_t * (reward_pred - rewards).pow(2)).sum(0)
+        value_loss = (weight_t * td_error.pow(2).sum(0)).sum(0)
+        priorities = (weight_t * td_error.abs().sum(0)).sum(0)
+
+        total_loss = (
+            self.consistency_coef * consistency_loss.clamp(max=1e4)
+            + self.reward_coef * reward_loss.clamp(max=1e4)
+            + self.value_coef * value_loss.clamp(max=1e4)
+        ).squeeze(-1)
+        # TD-MPC scales the gradient by 1/H.
+        loss = (total_loss * data.weights).mean() / horizon
+
+        policy.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = th.nn.utils.clip_grad_norm_(
+            [p for group in policy.optimizer.param_groups for p in group["params"]], self.max_grad_norm
+        )
+        self._check_finite(grad_norm, consistency_loss, reward_loss, value_loss)
+        policy.optimizer.step()
+        self.replay_buffer.update_priorities(data.indices, priorities.clamp(max=1e4).detach())
+
+        valid = masks.sum()
+        stats = {
+            "consistency_loss": consistency_loss.detach().mean(),
+            "reward_loss": reward_loss.detach().mean(),
+            "value_loss": value_loss.detach().mean(),
+            "loss": loss.detach(),
+            "td_error": (td_error.detach().abs().mean(0) * masks).sum() / valid.clamp(min=1),
+            "grad_norm": grad_norm.detach(),
+        }
+        return stats, z_rollout.detach()
+
+    def _update_policy_prior(self, latents: th.Tensor, masks: th.Tensor) -> th.Tensor:
+        """
+        One gradient step of pi maximising sum_t rho^t min Q(z_t, pi(z_t)) over the detached latent
+        rollout; Q is frozen for this step.
+        """
+        model, policy = self.policy.model, self.policy
+        # z_0 is always valid; z_{t+1} is valid where transition t is.
+        valid = th.cat([th.ones_like(masks[:1]), masks])
+        weight_t = self.rho ** th.arange(len(latents), device=latents.device, dtype=latents.dtype).view(
+            -1, 1, 1
+        )
+        model.q.requires_grad_(False)
+        q = model.q(latents, model.pi(latents, policy.min_std)).min(dim=0).values
+        model.q.requires_grad_(True)
+        pi_loss = -(weight_t * valid * q).sum(0).mean()
+
+        policy.pi_optimizer.zero_grad(set_to_none=True)
+        pi_loss.backward()
+        grad_norm = th.nn.utils.clip_grad_norm_(model.pi_net.parameters(), self.max_grad_norm)
+        self._check_finite(grad_norm, pi_loss=pi_loss)
+        policy.pi_optimizer.step()
+        return pi_loss.detach()
+
+    def _check_finite(self, grad_norm: th.Tensor, *losses: th.Tensor, **named: th.Tensor) -> None:
+        """Stop before a non-finite gradient reaches the weights, naming the step and the loss term."""
+        if bool(th.isfinite(grad_norm)):
+            return
+        terms = dict(zip(("consistency_loss", "reward_loss", "value_loss"), losses, strict=False)) | named
+        bad = [name for name, value in terms.items() if not bool(th.isfinite(value).all())] or ["gradient"]
+        raise FloatingPointError(
+            f"Non-finite {', '.join(bad)} at update {self._n_updates} (step {self.num_timesteps}); "
+            "the weights were not changed. Check the rewards and observations of the environment."
+        )
+
+    # ------------------------------------------------------------------ SB3 plumbing
+
+    def learn(
+        self: SelfTDMPC,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "TDMPC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfTDMPC:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "policy.optimizer", "policy.pi_optimizer"], []
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset)
+        if force_reset:
+            self._plan_state = None

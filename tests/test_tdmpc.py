@@ -1,0 +1,264 @@
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from conftest import TINY, TINY_POLICY
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import EvalCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.logger import configure
+from torch import nn
+
+import sb3_tdmpc  # noqa: F401  (registers the Meta-World ids)
+from sb3_tdmpc import TDMPC, MlpPolicy, PrioritizedReplayBuffer, TDMPCPolicy
+
+
+def test_defaults_are_the_official_tdmpc_settings():
+    model = TDMPC("Pendulum-v1", _init_setup_model=False)
+    assert model.policy_class is MlpPolicy
+    expected = dict(
+        learning_rate=1e-3, batch_size=512, learning_starts=5000, seed_updates=5000, gamma=0.99, tau=0.01,
+        horizon=5, horizon_warmup_steps=25_000, rho=0.5, consistency_coef=2.0, reward_coef=0.5,
+        value_coef=0.1, target_update_interval=2, max_grad_norm=10.0, exploration_initial_std=0.5,
+        exploration_final_std=0.05, exploration_decay_steps=25_000,
+    )  # fmt: skip
+    assert {key: getattr(model, key) for key in expected} == expected
+    planner = dict(
+        planning_iterations=6, num_samples=512, num_elites=64, policy_fraction=0.05, temperature=0.5,
+        momentum=0.1, min_std=0.05,
+    )  # fmt: skip
+    assert {key: model.policy_kwargs[key] for key in planner} == planner
+    model._setup_model()
+    assert model.replay_buffer_class is PrioritizedReplayBuffer
+    assert (model.replay_buffer.alpha, model.replay_buffer.beta) == (0.6, 0.4)
+    world = model.policy.model
+    assert world.encoder[0].out_features == 256 and world.encoder[-1].out_features == 50
+    assert world.dynamics[0].out_features == 512
+    assert model.policy.num_policy_trajectories == 25
+
+
+def test_networks_follow_tdmpc():
+    policy = TDMPCPolicy(spaces.Box(-1, 1, (5,)), spaces.Box(-1, 1, (2,)), lambda _: 1e-3, **TINY_POLICY)
+    world = policy.model
+    # Reward and Q start at exactly zero; other layers are orthogonal.
+    z, a = th.randn(7, 8), th.rand(7, 2) * 2 - 1
+    assert th.equal(world.next(z, a)[1], th.zeros(7, 1))
+    assert th.equal(world.q(z, a), th.zeros(2, 7, 1))
+    w = world.dynamics[0].weight
+    assert th.allclose(w @ w.T, th.eye(w.shape[0]), atol=1e-5) or th.allclose(
+        w.T @ w, th.eye(w.shape[1]), atol=1e-5
+    )
+    assert [type(m) for m in world.dynamics] == [nn.Linear, nn.ELU, nn.Linear, nn.ELU, nn.Linear]
+    assert all(abs(a) <= 1 for a in world.pi(z, std=10.0).flatten().tolist())
+    # The target holds exactly the parts that are read (h and Q) and gets no gradient.
+    assert set(policy.target.keys()) == {"encoder", "q"}
+    assert not any(p.requires_grad for p in policy.target.parameters())
+
+
+class BanditModel(nn.Module):
+    """Hand-made world model: the latent is ignored, reward is highest at action ``best``."""
+
+    def __init__(self, best):
+        super().__init__()
+        self.best = th.as_tensor(best, dtype=th.float32)
+
+    def encode(self, obs):
+        return obs
+
+    def next(self, z, action):
+        return z, -((action - self.best) ** 2).sum(-1, keepdim=True)
+
+    def pi(self, z, std=0.0):
+        return th.full((*z.shape[:-1], len(self.best)), -0.9)
+
+    def q(self, z, action):
+        return th.zeros(2, *z.shape[:-1], 1)
+
+
+def test_planner_finds_the_best_action_of_a_hand_made_model():
+    th.manual_seed(0)
+    policy = TDMPCPolicy(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2,)), lambda _: 1e-3, **TINY_POLICY)
+    policy.model = BanditModel([0.6, -0.3])
+    policy.planning_horizon, policy.std_floor = 3, 0.05
+    obs = np.zeros((2, 3), dtype=np.float32)  # two environments planned in one batch
+    actions, (plan_means,) = policy.predict(obs, deterministic=True)
+    assert actions.shape == (2, 2) and plan_means.shape == (2, 3, 2)
+    np.testing.assert_allclose(actions, [[0.6, -0.3]] * 2, atol=0.1)
+    np.testing.assert_allclose(plan_means, np.tile([0.6, -0.3], (2, 3, 1)), atol=0.1)
+
+
+def test_warm_start_is_per_env_and_resets_at_episode_start():
+    th.manual_seed(0)
+    policy = TDMPCPolicy(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (1,)), lambda _: 1e-3, **TINY_POLICY)
+    policy.model = BanditModel([0.8])
+    policy.planning_horizon, policy.planning_iterations = 3, 1
+    obs = np.zeros((2, 3), dtype=np.float32)
+    _, state = policy.predict(obs, deterministic=True)
+    captured = []
+    original_plan = policy.plan
+
+    def spy(obs, warm_start=None, explore=False):
+        captured.append(None if warm_start is None else warm_start.clone())
+        return original_plan(obs, warm_start, explore)
+
+    policy.plan = spy
+    policy.predict(obs, state=state, episode_start=np.array([False, True]), deterministic=True)
+    warm = captured[-1]
+    assert th.allclose(warm[0], th.as_tensor(state[0][0]))  # env 0 keeps its previous plan
+    assert th.equal(warm[1], th.zeros_like(warm[1]))  # env 1 starts an episode: from scratch
+    policy.predict(obs, deterministic=True)  # no state (e.g. a fresh evaluation env): no warm start
+    assert captured[-1] is None
+
+
+def test_rejects_unsupported_spaces():
+    with pytest.raises(AssertionError, match="Discrete"):
+        TDMPC("MlpPolicy", "CartPole-v1")
+
+    class PixelEnv(gym.Env):
+        observation_space = spaces.Box(0, 255, (84, 84, 3), np.uint8)
+        action_space = spaces.Box(-1, 1, (2,))
+
+        def reset(self, *, seed=None, options=None):
+            return self.observation_space.sample(), {}
+
+        def step(self, action):
+            return self.observation_space.sample(), 0.0, False, False, {}
+
+    with pytest.raises(ValueError, match="1-D"):
+        TDMPC("MlpPolicy", PixelEnv())
+    with pytest.raises(ValueError, match="optimize_memory_usage"):
+        TDMPC("MlpPolicy", "Pendulum-v1", optimize_memory_usage=True)
+
+
+def filled_model(**kwargs):
+    model = TDMPC("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, **kwargs})
+    model.learn(300)
+    return model
+
+
+def test_world_model_loss_falls_on_a_fixed_batch():
+    model = filled_model()
+    th.manual_seed(0)
+    batch = model.replay_buffer.sample_sequences(64, model.horizon)
+    losses = [model._update_world_model(batch)[0]["loss"].item() for _ in range(60)]
+    assert losses[-1] < 0.7 * losses[0], losses[::10]
+
+
+def test_train_logs_every_loss_term():
+    model = filled_model()
+    model.set_logger(configure(None, []))
+    model.train(gradient_steps=3, batch_size=16)
+    logged = model.logger.name_to_value
+    for key in (
+        "consistency_loss", "reward_loss", "value_loss", "pi_loss", "td_error", "grad_norm",
+        "planner_std", "horizon", "seconds_per_update",
+    ):  # fmt: skip
+        assert np.isfinite(logged[f"train/{key}"]), key
+    assert model._n_updates > 3
+
+
+def test_ema_moves_target_towards_online_every_second_update():
+    model = filled_model(seed_updates=0)
+    online, target = model.policy.ema_parameter_pairs()
+    gap = sum((o - t).abs().sum().item() for o, t in zip(online, target, strict=True))
+    assert gap > 0
+    before = [t.clone() for t in target]
+    model._n_updates = 0
+    model.train(gradient_steps=1, batch_size=16)
+    assert all(th.equal(b, t) for b, t in zip(before, target, strict=True))  # update 1: no EMA
+    model.train(gradient_steps=1, batch_size=16)
+    assert not all(th.equal(b, t) for b, t in zip(before, target, strict=True))
+
+
+def test_schedules_count_environment_steps():
+    model = TDMPC("Pendulum-v1", **TINY, horizon_warmup_steps=100, exploration_decay_steps=100)
+    assert (model.policy.planning_horizon, model.policy.std_floor) == (1, 0.5)
+    model.num_timesteps = 50
+    model._update_schedules()
+    assert model.policy.planning_horizon == 2 and model.policy.std_floor == pytest.approx(0.275)
+    model.num_timesteps = 10_000
+    model._update_schedules()
+    assert model.policy.planning_horizon == 3 and model.policy.std_floor == pytest.approx(0.05)
+
+
+def test_save_load_gives_same_parameters_and_actions(tmp_path):
+    model = filled_model()
+    model.save(tmp_path / "tdmpc")
+    loaded = TDMPC.load(tmp_path / "tdmpc", env=model.get_env())
+    for (name, p), q in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().values(), strict=True
+    ):
+        assert th.equal(p, q), name
+    assert loaded.policy.planning_horizon == model.policy.planning_horizon
+    assert loaded.policy.std_floor == model.policy.std_floor
+    obs = model.get_env().reset()
+    th.manual_seed(1)
+    a1, _ = model.predict(obs, deterministic=True)
+    th.manual_seed(1)
+    a2, _ = loaded.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(a1, a2)
+
+
+def test_n_envs_and_policy_form(tmp_path):
+    env = make_vec_env("Pendulum-v1", n_envs=3, seed=0)
+    model = TDMPC(MlpPolicy, env, **TINY)
+    model.learn(240)
+    assert model.num_timesteps == 240 and model.replay_buffer.n_envs == 3
+    assert model._plan_state[0].shape[0] == 3
+
+
+def test_evaluate_and_eval_callback_report_success_on_metaworld(tmp_path):
+    model = TDMPC("reach-v3", **{**TINY, "learning_starts": 40})
+    eval_env = make_vec_env("reach-v3", n_envs=1, seed=1)
+    callback = EvalCallback(eval_env, n_eval_episodes=1, eval_freq=60, log_path=str(tmp_path), verbose=0)
+    model.learn(60, callback=callback)
+    evaluations = np.load(tmp_path / "evaluations.npz")
+    assert evaluations["successes"].shape == (1, 1)
+    mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=1)
+    assert np.isfinite(mean_return)
+
+
+def random_return(env_id, episodes, seed=0):
+    env = gym.make(env_id)
+    env.action_space.seed(seed)
+    returns = []
+    for episode in range(episodes):
+        env.reset(seed=seed + episode)
+        done, total = False, 0.0
+        while not done:
+            _, reward, terminated, truncated, _ = env.step(env.action_space.sample())
+            total += reward
+            done = terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns))
+
+
+@pytest.mark.slow
+def test_learns_pendulum():
+    """A small TD-MPC learns Pendulum-v1 on two cores in a few minutes.
+
+    A random policy averages about -1200 here; the learned one must reach > -600.
+    """
+    th.set_num_threads(2)
+    random_mean = random_return("Pendulum-v1", episodes=5)
+    assert random_mean < -1000
+    model = TDMPC(
+        "Pendulum-v1",
+        seed=0,
+        learning_starts=1000,
+        seed_updates=500,
+        batch_size=256,
+        buffer_size=10_000,
+        num_samples=256,
+        num_elites=32,
+        planning_iterations=4,
+        horizon_warmup_steps=1000,
+        exploration_decay_steps=2000,
+        policy_kwargs=dict(latent_dim=32, mlp_dim=128, enc_dim=64),
+    )
+    model.learn(3000)
+    eval_env = make_vec_env("Pendulum-v1", n_envs=1, seed=123)
+    mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=5)
+    print(f"random {random_mean:.0f}, TD-MPC after 3k steps {mean_return:.0f}")
+    assert mean_return > -600
