@@ -219,6 +219,7 @@ def test_register_and_sampler():
     assert HYPERPARAMS_SAMPLER["tdmpc"] is sample_tdmpc_params
     register(inference=True)
     assert ALGOS["tdmpc"] is InferenceTDMPC
+    register()
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(5):
