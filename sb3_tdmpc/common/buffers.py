@@ -107,7 +107,7 @@ class SequenceSamples(NamedTuple):
     meaningless (another episode, stale or never written data).
     """
 
-    observations: th.Tensor  # [H + 1, B, *obs_shape] float32
+    observations: th.Tensor  # [H + 1, B, *obs_shape] float32 (uint8 for uint8 image observations)
     actions: th.Tensor  # [H, B, action_dim]
     rewards: th.Tensor  # [H, B, 1]
     terminals: th.Tensor  # [H, B, 1] float32, 1 on true termination (not on timeout)
@@ -236,7 +236,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             [self._gather(self.observations, leaves[None]), self._gather(self.next_observations, flat)],
             axis=0,
         )
-        observations = self._normalize_obs(observations, env).astype(np.float32, copy=False)
+        observations = self._normalize_obs(observations, env)
+        if observations.dtype != np.uint8:  # images stay uint8 (4x less to move); the encoder converts
+            observations = observations.astype(np.float32, copy=False)
         rewards = self._normalize_reward(self._gather(self.rewards, flat)[..., None], env)
 
         probs = self.tree.get(leaves) / total

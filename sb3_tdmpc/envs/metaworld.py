@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import math
 from collections.abc import Iterator
 from typing import Any, SupportsFloat
 
@@ -19,9 +18,10 @@ import metaworld
 import mujoco
 import numpy as np
 from gymnasium import spaces
-from gymnasium.envs.registration import EnvSpec
 from gymnasium.wrappers import TransformObservation
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
+
+from sb3_tdmpc.envs.wrappers import ActionRepeat, PixelObservation
 
 METAWORLD_TASKS: tuple[str, ...] = tuple(sorted(ALL_V3_ENVIRONMENTS))
 """Every Meta-World MT1 task name, sorted."""
@@ -30,46 +30,8 @@ DEFAULT_CAMERA = "corner2"
 """Camera used for ``render()`` unless ``camera_name`` or ``camera_id`` is given."""
 
 _ENTRY_POINT = "sb3_tdmpc.envs.metaworld:make_metaworld_env"
+_PIXELS_ENTRY_POINT = "sb3_tdmpc.envs.metaworld:make_metaworld_pixels_env"
 _DEFAULT_GOAL_SET_SEED = 0
-
-
-class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    """
-    Repeat each action ``action_repeat`` times and sum the rewards.
-
-    Stops early when the episode ends; the returned observation and info are those of the last inner step.
-
-    :param env: Environment to wrap.
-    :param action_repeat: Number of inner steps per agent step (>= 1).
-    """
-
-    def __init__(self, env: gym.Env, action_repeat: int) -> None:
-        if isinstance(action_repeat, bool) or int(action_repeat) != action_repeat or action_repeat < 1:
-            raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
-        gym.utils.RecordConstructorArgs.__init__(self, action_repeat=action_repeat)
-        gym.Wrapper.__init__(self, env)
-        self.action_repeat = int(action_repeat)
-        # Videos recorded at the agent's step rate then play in real time.
-        if "render_fps" in env.metadata:
-            self.metadata = {**env.metadata, "render_fps": env.metadata["render_fps"] / self.action_repeat}
-
-    @property
-    def spec(self) -> EnvSpec | None:
-        spec = super().spec
-        inner_spec = self.env.spec
-        # The inner TimeLimit counts simulator steps; report the limit in agent steps.
-        if spec is not None and inner_spec is not None and inner_spec.max_episode_steps is not None:
-            spec.max_episode_steps = math.ceil(inner_spec.max_episode_steps / self.action_repeat)
-        return spec
-
-    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
-        total_reward = 0.0
-        for _ in range(self.action_repeat):
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            total_reward += float(reward)
-            if terminated or truncated:
-                break
-        return obs, total_reward, terminated, truncated, info
 
 
 class EpisodeSuccess(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -220,9 +182,39 @@ def make_metaworld_env(
     return TransformObservation(env, _to_float32, observation_space)
 
 
+def make_metaworld_pixels_env(
+    task: str,
+    action_repeat: int = 2,
+    seed: int | None = None,
+    frame_stack: int = 3,
+    image_size: int = 84,
+    camera_name: str | None = None,
+    **kwargs: Any,
+) -> gym.Env:
+    """
+    :func:`make_metaworld_env` observed from pixels: the last ``frame_stack`` frames of the fixed camera
+    ``camera_name`` (:data:`DEFAULT_CAMERA` unless given), ``(3 * frame_stack, image_size, image_size)``
+    uint8 (:class:`~sb3_tdmpc.envs.wrappers.PixelObservation`). Needs ``MUJOCO_GL=egl`` when headless.
+
+    :param kwargs: Passed on to :func:`make_metaworld_env`
+    """
+    env = make_metaworld_env(
+        task,
+        action_repeat=action_repeat,
+        seed=seed,
+        render_mode="rgb_array",
+        camera_name=camera_name,
+        width=image_size,
+        height=image_size,
+        **kwargs,
+    )
+    return PixelObservation(env, frame_stack=frame_stack, image_size=image_size)
+
+
 def register_metaworld_envs() -> None:
     """
-    Register every MT1 task as a gymnasium id (``gym.make("reach-v3", action_repeat=4)``).
+    Register every MT1 task as a gymnasium id (``gym.make("reach-v3", action_repeat=4)``), and from
+    pixels as ``reach-pixels-v3`` (:func:`make_metaworld_pixels_env`).
 
     Ids already in the registry are left alone. No ``max_episode_steps`` is set: Meta-World's own
     limit (500 simulator steps) truncates the episodes.
@@ -230,3 +222,9 @@ def register_metaworld_envs() -> None:
     for task in METAWORLD_TASKS:
         if task not in gym.registry:
             gym.register(id=task, entry_point=_ENTRY_POINT, kwargs={"task": task})
+        # From pixels: reach-v3 -> reach-pixels-v3
+        name, version = task.rsplit("-v", 1)
+        if f"{name}-pixels-v{version}" not in gym.registry:
+            gym.register(
+                id=f"{name}-pixels-v{version}", entry_point=_PIXELS_ENTRY_POINT, kwargs={"task": task}
+            )

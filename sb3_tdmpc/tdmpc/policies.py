@@ -15,6 +15,7 @@ import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
@@ -27,6 +28,70 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
         in_dim = dim
     layers.append(nn.Linear(in_dim, out_dim))
     return nn.Sequential(*layers)
+
+
+class PixelEncoder(nn.Module):
+    """
+    TD-MPC's pixel encoder: ``x / 255``, 4 conv layers (``num_channels`` channels, kernels 7/5/3/3,
+    stride 2, ReLU), then linear to the latent. Convs are orthogonal with ReLU gain, biases zero.
+
+    :param observation_space: Channels-first image space ``(C, H, W)`` (C = 3 * frame stack)
+    :param latent_dim: Size of the latent state
+    :param num_channels: Channels of every conv layer
+    """
+
+    def __init__(self, observation_space: spaces.Box, latent_dim: int, num_channels: int = 32) -> None:
+        super().__init__()
+        in_channels = observation_space.shape[0]
+        convs: list[nn.Module] = []
+        for kernel in (7, 5, 3, 3):
+            convs += [nn.Conv2d(in_channels, num_channels, kernel, stride=2), nn.ReLU()]
+            in_channels = num_channels
+        self.convs = nn.Sequential(*convs, nn.Flatten())
+        for module in self.convs:
+            if isinstance(module, nn.Conv2d):
+                nn.init.orthogonal_(module.weight, nn.init.calculate_gain("relu"))
+                nn.init.zeros_(module.bias)
+        with th.no_grad():
+            n_flat = self.convs(th.zeros(1, *observation_space.shape)).shape[1]
+        self.linear = nn.Linear(n_flat, latent_dim)
+        self.image_shape = tuple(observation_space.shape)
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        """:param obs: Images ``[..., C, H, W]``, uint8 or float in [0, 255]; :return: ``[..., latent]``"""
+        batch_shape = obs.shape[: -len(self.image_shape)]
+        x = obs.reshape(-1, *self.image_shape).float() / 255.0
+        return self.linear(self.convs(x)).reshape(*batch_shape, -1)
+
+
+class RandomShift(nn.Module):
+    """
+    Random-shift augmentation (DrQ-v2's ``RandomShiftsAug``, as TD-MPC applies it to pixel inputs):
+    pad by ``pad`` pixels replicating the border, then crop back to the original size at a random
+    integer offset, independently per image.
+
+    :param pad: Largest shift in pixels (TD-MPC: ``image_size / 21``, 4 for 84x84)
+    """
+
+    def __init__(self, pad: int = 4) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        """:param obs: Images ``[..., C, H, W]`` (any dtype); :return: shifted float32 images, same shape"""
+        shape = obs.shape
+        x = obs.reshape(-1, *shape[-3:]).float()
+        n, _, h, w = x.shape
+        if h != w:
+            raise ValueError(f"RandomShift needs square images, got {h}x{w}")
+        x = F.pad(x, (self.pad,) * 4, mode="replicate")
+        eps = 1.0 / (h + 2 * self.pad)
+        arange = th.linspace(-1.0 + eps, 1.0 - eps, h + 2 * self.pad, device=x.device)[:h]
+        arange = arange.unsqueeze(0).repeat(h, 1).unsqueeze(2)
+        base_grid = th.cat([arange, arange.transpose(1, 0)], dim=2).unsqueeze(0).repeat(n, 1, 1, 1)
+        shift = th.randint(0, 2 * self.pad + 1, size=(n, 1, 1, 2), device=x.device).float()
+        grid = base_grid + shift * (2.0 / (h + 2 * self.pad))
+        return F.grid_sample(x, grid, padding_mode="zeros", align_corners=False).reshape(shape)
 
 
 class QEnsemble(nn.Module):
@@ -88,6 +153,7 @@ class WorldModel(nn.Module):
     :param mlp_dim: Width of the dynamics, reward, policy and Q networks
     :param enc_dim: Width of the state encoder
     :param num_q: Number of Q-functions
+    :param encoder: Encoder to use instead of the state MLP (e.g. :class:`PixelEncoder`)
     """
 
     def __init__(
@@ -98,9 +164,10 @@ class WorldModel(nn.Module):
         mlp_dim: int = 512,
         enc_dim: int = 256,
         num_q: int = 2,
+        encoder: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.encoder = mlp(obs_dim, [enc_dim], latent_dim)
+        self.encoder = mlp(obs_dim, [enc_dim], latent_dim) if encoder is None else encoder
         self.dynamics = mlp(latent_dim + action_dim, [mlp_dim, mlp_dim], latent_dim)
         self.reward = mlp(latent_dim + action_dim, [mlp_dim, mlp_dim], 1)
         self.pi_net = mlp(latent_dim, [mlp_dim, mlp_dim], action_dim)
@@ -192,8 +259,7 @@ class TDMPCPolicy(BasePolicy):
             squash_output=True,
             normalize_images=False,
         )
-        if not (isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 1):
-            raise ValueError(f"TDMPCPolicy needs a 1-D Box observation space, got {observation_space}")
+        self.check_observation_space(observation_space)
         if num_elites > num_samples:
             raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
         self.latent_dim, self.mlp_dim, self.enc_dim, self.num_q = latent_dim, mlp_dim, enc_dim, num_q
@@ -214,7 +280,13 @@ class TDMPCPolicy(BasePolicy):
 
         self.action_dim = int(np.prod(action_space.shape))
         self.model = WorldModel(
-            observation_space.shape[0], self.action_dim, latent_dim, mlp_dim, enc_dim, num_q
+            observation_space.shape[0],
+            self.action_dim,
+            latent_dim,
+            mlp_dim,
+            enc_dim,
+            num_q,
+            self.make_encoder(),
         )
         # The target network is only ever read through h (consistency targets) and Q (TD targets).
         self.target = nn.ModuleDict(
@@ -250,6 +322,25 @@ class TDMPCPolicy(BasePolicy):
             optimizer_kwargs=self.optimizer_kwargs,
         )
         return data
+
+    @classmethod
+    def check_observation_space(cls, observation_space: spaces.Space) -> None:
+        """Raise a ValueError unless this policy can encode ``observation_space`` (MlpPolicy: a 1-D Box)."""
+        if isinstance(observation_space, spaces.Box) and is_image_space(observation_space):
+            raise ValueError(
+                f"{cls.__name__} encodes flat (1-D) Box observations, got the image space "
+                f"{observation_space}: use CnnPolicy for image observations"
+            )
+        if not (isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 1):
+            raise ValueError(f"{cls.__name__} needs a 1-D Box observation space, got {observation_space}")
+
+    def make_encoder(self) -> nn.Module | None:
+        """The encoder h of the world model; None: the state MLP (``enc_dim`` wide)."""
+        return None
+
+    def augment(self, obs: th.Tensor) -> th.Tensor:
+        """Data augmentation of sampled observations in the model update (identity for states)."""
+        return obs
 
     def ema_parameter_pairs(self) -> tuple[list[th.Tensor], list[th.Tensor]]:
         """(online, target) parameters that the EMA update blends."""
@@ -290,14 +381,14 @@ class TDMPCPolicy(BasePolicy):
         z = self.model.encode(obs)
 
         # Trajectories of the policy prior, rolled out once and re-scored in every iteration.
-        pi_actions = obs.new_empty(horizon, num_envs, num_pi, action_dim)
+        pi_actions = z.new_empty(horizon, num_envs, num_pi, action_dim)
         z_pi = z.unsqueeze(1).expand(num_envs, num_pi, -1)
         for t in range(horizon):
             pi_actions[t] = self.model.pi(z_pi, self.min_std)
             z_pi, _ = self.model.next(z_pi, pi_actions[t])
 
         # Warm start from the previous plan, shifted by one step.
-        mean = obs.new_zeros(horizon, num_envs, action_dim)
+        mean = z.new_zeros(horizon, num_envs, action_dim)
         if warm_start is not None:
             shifted = warm_start.transpose(0, 1)[1:horizon]
             mean[: len(shifted)] = shifted
@@ -365,3 +456,55 @@ class TDMPCPolicy(BasePolicy):
 
 
 MlpPolicy = TDMPCPolicy
+
+
+class CnnPolicy(TDMPCPolicy):
+    """
+    TD-MPC policy for image observations: channels-first uint8 frames stacked along the channels
+    (e.g. ``(9, 84, 84)``), encoded by :class:`PixelEncoder` (``enc_dim`` is unused) and augmented by
+    :class:`RandomShift` in the model update (never in planning).
+
+    :param num_channels: Channels of the encoder's conv layers (TD-MPC: 32)
+    :param shift_pad: Random shift in pixels (default: image size / 21, 4 for 84x84); 0 disables
+    :param kwargs: As :class:`TDMPCPolicy`
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Box,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        num_channels: int = 32,
+        shift_pad: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Read by make_encoder() during TDMPCPolicy.__init__.
+        self.num_channels = num_channels
+        self.shift_pad = int(observation_space.shape[-1] / 21) if shift_pad is None else shift_pad
+        super().__init__(observation_space, action_space, lr_schedule, **kwargs)
+        self.shift = RandomShift(self.shift_pad)
+
+    @classmethod
+    def check_observation_space(cls, observation_space: spaces.Space) -> None:
+        if not (
+            isinstance(observation_space, spaces.Box)
+            and is_image_space(observation_space, check_channels=False)
+            and is_image_space_channels_first(observation_space)
+        ):
+            raise ValueError(
+                f"{cls.__name__} needs channels-first uint8 images (C, H, W), got {observation_space}; "
+                "use MlpPolicy for state observations"
+            )
+
+    def make_encoder(self) -> nn.Module:
+        return PixelEncoder(self.observation_space, self.latent_dim, self.num_channels)  # type: ignore[arg-type]
+
+    def augment(self, obs: th.Tensor) -> th.Tensor:
+        return self.shift(obs) if self.shift_pad > 0 else obs
+
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        return {
+            **super()._get_constructor_parameters(),
+            "num_channels": self.num_channels,
+            "shift_pad": self.shift_pad,
+        }

@@ -14,9 +14,12 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import LinearSchedule, polyak_update
+from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_wrapper
 
 from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples
-from sb3_tdmpc.tdmpc.policies import MlpPolicy, TDMPCPolicy
+from sb3_tdmpc.envs.dmc import ensure_shimmy_envs
+from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation, flatten_dict_observation, is_flattenable_dict
+from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy
 
 SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
 
@@ -79,7 +82,7 @@ class TDMPC(OffPolicyAlgorithm):
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
-    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": MlpPolicy}
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {"MlpPolicy": MlpPolicy, "CnnPolicy": CnnPolicy}
     policy: TDMPCPolicy
     replay_buffer: PrioritizedReplayBuffer
 
@@ -128,6 +131,7 @@ class TDMPC(OffPolicyAlgorithm):
     ) -> None:
         if env is None and isinstance(policy, str) and policy not in self.policy_aliases:
             policy, env = "MlpPolicy", policy
+        ensure_shimmy_envs(env)  # dm_control/... ids exist once shimmy is imported
         if optimize_memory_usage:
             raise ValueError(
                 "TDMPC does not support optimize_memory_usage=True: memory-optimised storage drops the final "
@@ -187,19 +191,20 @@ class TDMPC(OffPolicyAlgorithm):
         self.policy_kwargs = {**planner_kwargs, **self.policy_kwargs}
         # The planner's warm start for the training envs (predict's state), reset at episode starts.
         self._plan_state: tuple[np.ndarray, ...] | None = None
+        # The env's Dict observation space where TDMPC flattens it (see _wrap_env), for predict().
+        self.dict_observation_space: spaces.Dict | None = None
 
         if _init_setup_model:
             self._setup_model()
 
     def _setup_model(self) -> None:
-        if self.observation_space is not None and not (
-            isinstance(self.observation_space, spaces.Box) and len(self.observation_space.shape) == 1
-        ):
-            raise ValueError(
-                f"TDMPC supports flat (1-D) Box observations, got {self.observation_space}. "
-                "Image and Dict observations are not supported yet: flatten state observations "
-                "(e.g. gymnasium.wrappers.FlattenObservation)."
-            )
+        # MlpPolicy: flat (1-D) Box observations (Dicts of Boxes are flattened by _wrap_env);
+        # CnnPolicy: channels-first uint8 images.
+        if self.observation_space is not None:
+            self.policy_class.check_observation_space(self.observation_space)  # type: ignore[attr-defined]
+        flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
+        if flattener:
+            self.dict_observation_space = flattener.dict_space
         if not hasattr(self.replay_buffer_class, "sample_sequences"):
             raise TypeError(
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
@@ -302,6 +307,7 @@ class TDMPC(OffPolicyAlgorithm):
             data.masks,
         )
         horizon = actions.shape[0]
+        obs = policy.augment(obs)  # CnnPolicy: random shift (float32); identity for states
 
         with th.no_grad():
             # TD-MPC bootstraps from the online encoder and policy, and the target Q.
@@ -412,6 +418,26 @@ class TDMPC(OffPolicyAlgorithm):
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.optimizer", "policy.pi_optimizer"], []
+
+    @staticmethod
+    def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
+        """SB3's wrapping, then Dict-of-Boxes observations (dm-control's) flattened to a float32 vector."""
+        env = OffPolicyAlgorithm._wrap_env(env, verbose, monitor_wrapper)
+        if is_flattenable_dict(env.observation_space):
+            env = VecFlattenDictObservation(env)
+        return env
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = False,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        # A raw env's Dict observation, flattened as the training env's were.
+        if isinstance(observation, dict) and self.dict_observation_space is not None:
+            observation = flatten_dict_observation(self.dict_observation_space, observation)
+        return super().predict(observation, state, episode_start, deterministic)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         super().set_env(env, force_reset)

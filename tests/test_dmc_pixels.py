@@ -1,0 +1,236 @@
+"""DeepMind Control Suite tasks (states, Dict observations, action repeat) and pixel observations
+(CnnPolicy, uint8 replay, random shift). Rendering tests skip where no headless renderer works."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from conftest import TINY
+from gymnasium import spaces
+from stable_baselines3.common.evaluation import evaluate_policy
+
+import sb3_tdmpc  # noqa: F401  (registers the ids)
+from sb3_tdmpc import TDMPC
+from sb3_tdmpc.envs import dmc
+from sb3_tdmpc.envs.dmc import DMC_TASKS, make_dmc_env, tdmpc_action_repeat
+from sb3_tdmpc.envs.wrappers import (
+    FlattenDictObservation,
+    PixelObservation,
+    VecFlattenDictObservation,
+    flatten_dict_observation,
+)
+from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, PixelEncoder, RandomShift
+
+pytest.importorskip("dm_control")
+pytest.importorskip("shimmy")
+
+# Light pixel settings: the conv encoder dominates the cost of an update.
+TINY_PIXELS = {
+    **TINY,
+    "policy_kwargs": dict(latent_dim=8, mlp_dim=32, num_channels=8),
+    "batch_size": 8,
+    "learning_starts": 100,
+    "train_freq": 10,
+    "horizon": 2,
+}
+
+
+class ImageEnv(gym.Env):
+    """A channels-first uint8 image env that needs no renderer."""
+
+    observation_space = spaces.Box(0, 255, (9, 84, 84), np.uint8)
+    action_space = spaces.Box(-1, 1, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), float(action[0]), False, False, {}
+
+
+class DictEnv(gym.Env):
+    observation_space = spaces.Dict(
+        {"b": spaces.Box(-np.inf, np.inf, (2,), np.float64), "a": spaces.Box(-np.inf, np.inf, (), np.float64)}
+    )
+    action_space = spaces.Box(-1, 1, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        return {"a": np.array(1.0), "b": np.array([2.0, 3.0])}, {}
+
+    def step(self, action):
+        return {"a": np.array(1.0), "b": np.array([2.0, 3.0])}, 0.0, False, False, {}
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    """Skip unless MuJoCo renders off-screen here (MUJOCO_GL=egl, set by conftest)."""
+    try:
+        env = make_dmc_env("cartpole-swingup", from_pixels=True)
+        env.reset(seed=0)
+        env.close()
+    except Exception as error:  # no EGL/OSMesa, no GPU driver, ...
+        pytest.skip(f"no off-screen renderer: {type(error).__name__}: {error}")
+
+
+# --------------------------------------------------------------------------- DMC ids and wrappers
+
+
+def test_dmc_tasks_match_the_suite():
+    from dm_control import suite
+
+    assert tuple(f"{domain}-{task}" for domain, task in suite.ALL_TASKS) == DMC_TASKS
+    for task in ("walker-walk", "cheetah-run", "cartpole-swingup", "reacher-easy", "finger-spin"):
+        assert gym.spec(f"dmc/{task}-v0").kwargs == {"task": task, "from_pixels": False}
+        assert gym.spec(f"dmc/{task}-pixels-v0").kwargs == {"task": task, "from_pixels": True}
+    with pytest.raises(ValueError, match="walker-walk"):
+        make_dmc_env("walker-wlak")
+
+
+def test_flatten_dict_observations():
+    space = DictEnv.observation_space
+    obs = {"b": np.array([2.0, 3.0]), "a": np.array(1.0)}
+    # The space's key order (sorted: a, b), whatever the observation's order; scalars become one entry.
+    np.testing.assert_array_equal(flatten_dict_observation(space, obs), [1.0, 2.0, 3.0])
+    batch = {"a": np.array([1.0, 4.0]), "b": np.array([[2.0, 3.0], [5.0, 6.0]])}
+    flat = flatten_dict_observation(space, batch)
+    assert flat.dtype == np.float32
+    np.testing.assert_array_equal(flat, [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+
+    env = FlattenDictObservation(DictEnv())
+    assert env.observation_space == spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    assert env.reset()[0] in env.observation_space
+
+    # TDMPC flattens a Dict env itself, and predict() flattens a raw Dict observation the same way.
+    model = TDMPC("MlpPolicy", DictEnv(), **TINY)
+    assert isinstance(model.get_env(), VecFlattenDictObservation)
+    assert model.observation_space == spaces.Box(-np.inf, np.inf, (3,), np.float32)
+    assert model.dict_observation_space == space
+    action, _ = model.predict(obs, deterministic=True)
+    assert action.shape == (1,)
+
+
+def test_action_repeat_per_domain():
+    assert dmc.DEFAULT_ACTION_REPEAT == 2
+    assert [tdmpc_action_repeat(t) for t in ("walker-walk", "finger-spin", "cartpole-swingup")] == [2, 2, 8]
+    assert tdmpc_action_repeat("cheetah-run") == tdmpc_action_repeat("quadruped-walk") == 4
+    env = gym.make("dmc/cartpole-swingup-v0", action_repeat="tdmpc")
+    assert env.get_wrapper_attr("action_repeat") == 8
+    assert gym.make("dmc/cartpole-swingup-v0").get_wrapper_attr("action_repeat") == 2
+    assert env.observation_space == spaces.Box(-np.inf, np.inf, (5,), np.float32)
+    assert env.action_space.dtype == np.float32
+    obs, _ = env.reset(seed=0)
+    np.testing.assert_array_equal(obs, gym.make("dmc/cartpole-swingup-v0").reset(seed=0)[0])
+    steps, done = 0, False
+    while not done:
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        steps, done = steps + 1, terminated or truncated
+    assert obs.dtype == np.float32 and not terminated
+    assert steps == 1000 // 8  # dm-control episodes: 1000 simulator steps
+
+
+def test_missing_dm_control_gives_install_hint(monkeypatch):
+    import sys
+
+    for env_id in [k for k in gym.registry if k.startswith("dm_control/")]:
+        monkeypatch.delitem(gym.registry, env_id)
+    monkeypatch.setitem(sys.modules, "shimmy", None)
+    with pytest.raises(ImportError, match=r"sb3-tdmpc\[dmc\]"):
+        make_dmc_env("walker-walk")
+
+
+def test_dmc_id_trains_and_evaluates_on_the_raw_env():
+    model = TDMPC("MlpPolicy", "dm_control/cartpole-swingup-v0", seed=0, **{**TINY, "train_freq": 2})
+    assert model.observation_space == spaces.Box(-np.inf, np.inf, (5,), np.float32)
+    model.learn(300)
+    assert model._n_updates > 0
+    # The raw shimmy env (Dict observations, no action repeat), limited to keep the test short.
+    raw = gym.wrappers.TimeLimit(gym.make("dm_control/cartpole-swingup-v0"), 50)
+    mean_reward, _ = evaluate_policy(model, raw, n_eval_episodes=1, warn=False)
+    assert np.isfinite(mean_reward)
+
+
+# --------------------------------------------------------------------------- pixels
+
+
+def test_pixel_encoder_is_tdmpcs():
+    space = spaces.Box(0, 255, (9, 84, 84), np.uint8)
+    encoder = PixelEncoder(space, latent_dim=50)
+    convs = [m for m in encoder.convs if isinstance(m, th.nn.Conv2d)]
+    assert [c.kernel_size[0] for c in convs] == [7, 5, 3, 3]
+    assert all(c.stride == (2, 2) and c.out_channels == 32 for c in convs)
+    assert convs[0].in_channels == 9 and encoder.linear.in_features == 32 * 3 * 3
+    assert all(th.count_nonzero(c.bias) == 0 for c in convs)
+    images = th.randint(0, 256, (2, 5, 9, 84, 84), dtype=th.uint8)
+    z = encoder(images)
+    assert z.shape == (2, 5, 50)
+    th.testing.assert_close(encoder(images.float()), z)  # uint8 and float frames encode alike
+
+
+def test_random_shift():
+    th.manual_seed(0)
+    images = th.randint(0, 256, (2, 3, 9, 84, 84), dtype=th.uint8)
+    shifted = RandomShift(pad=4)(images)
+    assert shifted.shape == images.shape and shifted.dtype == th.float32
+    assert not th.equal(shifted, images.float())
+    # Integer shifts: every pixel is a pixel of the (replicate-padded) input.
+    th.testing.assert_close(shifted, shifted.round(), atol=0.01, rtol=0)
+    # Images of one batch get their own shifts.
+    same = images[:1, :1].expand(1, 16, 9, 84, 84)
+    out = RandomShift(pad=4)(same)
+    assert len({tuple(o.flatten()[:2000].tolist()) for o in out[0]}) > 1
+
+    states = th.randn(4, 3)
+    assert TDMPC("MlpPolicy", "Pendulum-v1", **TINY).policy.augment(states) is states
+
+
+def test_policy_and_observation_space_mismatch():
+    with pytest.raises(ValueError, match="use CnnPolicy"):
+        TDMPC("MlpPolicy", ImageEnv(), **TINY)
+    with pytest.raises(ValueError, match="use MlpPolicy"):
+        TDMPC("CnnPolicy", "Pendulum-v1", **TINY)
+    assert TDMPC.policy_aliases["CnnPolicy"] is CnnPolicy and TDMPC.policy_aliases["MlpPolicy"] is MlpPolicy
+
+
+def test_pixel_env_trains_with_cnn_policy(renderer, tmp_path):
+    env = gym.make("dmc/cartpole-swingup-pixels-v0")
+    assert env.observation_space == spaces.Box(0, 255, (9, 84, 84), np.uint8)
+    model = TDMPC("CnnPolicy", env, seed=0, **TINY_PIXELS)
+    assert model.get_env().observation_space == env.observation_space  # no VecTransposeImage
+    model.learn(200)
+    assert model._n_updates > 0
+
+    buffer = model.replay_buffer
+    assert buffer.observations.dtype == np.uint8 and buffer.next_observations.dtype == np.uint8
+    assert buffer.observations.shape[2:] == (9, 84, 84)
+    assert buffer.observations[: buffer.pos].max() > 0
+    sample = buffer.sample_sequences(4, 2)
+    assert sample.observations.dtype == th.uint8 and sample.observations.shape == (3, 4, 9, 84, 84)
+
+    model.save(tmp_path / "pixels")
+    loaded = TDMPC.load(tmp_path / "pixels", env=model.get_env())
+    assert isinstance(loaded.policy, CnnPolicy) and loaded.policy.num_channels == 8
+    for (name, param), (_, loaded_param) in zip(
+        model.policy.state_dict().items(), loaded.policy.state_dict().items(), strict=True
+    ):
+        assert th.equal(param, loaded_param), name
+    obs = model.get_env().reset()
+    action, state = loaded.predict(obs, deterministic=True)
+    assert action.shape == (1, 1) and state[0].shape[0] == 1
+
+
+def test_metaworld_from_pixels(renderer):
+    env = gym.make("reach-pixels-v3")
+    assert env.observation_space == spaces.Box(0, 255, (9, 84, 84), np.uint8)
+    obs, _ = env.reset(seed=0)
+    assert obs in env.observation_space and obs.std() > 0
+    obs, _, _, _, info = env.step(env.action_space.sample())
+    assert obs.shape == (9, 84, 84) and "is_success" in info
+    env.close()
+
+
+def test_pixel_observation_needs_rgb_render():
+    with pytest.raises(ValueError, match="rgb_array"):
+        PixelObservation(gym.make("Pendulum-v1"))
