@@ -176,6 +176,53 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.tree = SumTree(self.buffer_size * self.n_envs)
         self.max_priority = 1.0
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickling (load_replay_buffer) checks the data before anything trains on it.
+        self.__dict__.update(state)
+        self.check_consistency()
+
+    def check_consistency(self) -> None:
+        """
+        Raise ``ValueError`` unless the storage, the write position and the sum tree agree and every
+        stored value is finite: what a corrupted or hand-edited buffer file would break.
+        """
+        rows, n_envs = self.buffer_size, self.n_envs
+        problems = []
+        for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+            array = getattr(self, name, None)
+            if not isinstance(array, np.ndarray) or array.shape[:2] != (rows, n_envs):
+                shape = getattr(array, "shape", None)
+                problems.append(f"{name} has shape {shape}, expected ({rows}, {n_envs}, ...)")
+        if not 0 <= self.pos < rows:
+            problems.append(f"write position {self.pos} outside [0, {rows})")
+        tree = getattr(self, "tree", None)
+        if (
+            not isinstance(tree, SumTree)
+            or tree.capacity != rows * n_envs
+            or tree.nodes.shape != (2 * tree.n_leaves,)
+        ):
+            problems.append("the priority sum tree does not match the buffer's size")
+        if problems:
+            raise ValueError("Inconsistent replay buffer: " + "; ".join(problems))
+
+        stored = rows if self.full else self.pos
+        leaves = tree.nodes[tree.n_leaves :]
+        if not (np.all(np.isfinite(tree.nodes)) and np.all(tree.nodes >= 0)):
+            problems.append("non-finite or negative priorities")
+        elif np.any(leaves[stored * n_envs :]):
+            problems.append("priorities on transitions never written")
+        elif not np.isclose(tree.total, leaves.sum(), rtol=1e-6, atol=0.0):
+            problems.append(f"the sum tree's total {tree.total} is not the sum of its leaves {leaves.sum()}")
+        elif stored and tree.total <= 0:
+            problems.append("every stored transition has zero priority")
+        if not (np.isfinite(self.max_priority) and self.max_priority > 0):
+            problems.append(f"max_priority is {self.max_priority}")
+        for name in ("observations", "next_observations", "actions", "rewards"):
+            if not np.all(np.isfinite(getattr(self, name)[:stored])):
+                problems.append(f"non-finite stored {name}")
+        if problems:
+            raise ValueError("Inconsistent replay buffer: " + "; ".join(problems))
+
     def add(
         self,
         obs: np.ndarray,

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import io
+import pathlib
+import pickle
 import time
+import warnings
+from collections.abc import Iterable
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import LinearSchedule, polyak_update
+from stable_baselines3.common.type_aliases import (
+    GymEnv,
+    MaybeCallback,
+    RolloutReturn,
+    Schedule,
+    TrainFreq,
+    TrainFrequencyUnit,
+)
+from stable_baselines3.common.utils import LinearSchedule, polyak_update, should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_wrapper
 
+from sb3_tdmpc.common import checkpoint
 from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples
 from sb3_tdmpc.envs.dmc import ensure_shimmy_envs
 from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation, flatten_dict_observation, is_flattenable_dict
@@ -191,6 +205,9 @@ class TDMPC(OffPolicyAlgorithm):
         self.policy_kwargs = {**planner_kwargs, **self.policy_kwargs}
         # The planner's warm start for the training envs (predict's state), reset at episode starts.
         self._plan_state: tuple[np.ndarray, ...] | None = None
+        # Per training env, the RNG state its current episode's reset started from (exact resume).
+        self._episode_rng: list[dict[str, Any] | None] | None = None
+        self.num_nonfinite_transitions = 0
         # The env's Dict observation space where TDMPC flattens it (see _wrap_env), for predict().
         self.dict_observation_space: spaces.Dict | None = None
 
@@ -205,6 +222,19 @@ class TDMPC(OffPolicyAlgorithm):
         flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
         if flattener:
             self.dict_observation_space = flattener.dict_space
+        # SB3 checks this with an assert, which `python -O` removes.
+        if self.action_space is not None and not isinstance(self.action_space, spaces.Box):
+            raise ValueError(
+                f"TDMPC supports continuous (Box) action spaces only, got {self.action_space}: "
+                "Discrete and MultiDiscrete actions are not supported."
+            )
+        if self.action_space is not None and not np.all(
+            np.isfinite(self.action_space.low) & np.isfinite(self.action_space.high)
+        ):
+            raise ValueError(
+                f"TDMPC plans actions in [-1, 1] rescaled to the action bounds, which must be finite; got "
+                f"{self.action_space}. Wrap the env in gymnasium.wrappers.ClipAction or RescaleAction."
+            )
         if not hasattr(self.replay_buffer_class, "sample_sequences"):
             raise TypeError(
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
@@ -257,9 +287,118 @@ class TDMPC(OffPolicyAlgorithm):
         dones: np.ndarray,
         infos: list[dict[str, Any]],
     ) -> None:
+        dropped = self._nonfinite_envs(new_obs, reward, dones, infos)
+        if dropped is not None:
+            new_obs, reward, dones, infos = self._drop_nonfinite(
+                replay_buffer, *dropped, new_obs, reward, dones, infos
+            )
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
+        if dropped is not None and hasattr(replay_buffer, "tree"):
+            # The placeholders written for dropped transitions are never drawn as sequence starts.
+            row = (replay_buffer.pos - 1) % replay_buffer.buffer_size
+            replay_buffer.tree.update(row * replay_buffer.n_envs + np.flatnonzero(dropped[0]), 0.0)
         # Off-policy SB3 never updates this; the planner's warm start must reset where an episode ended.
         self._last_episode_starts = dones
+
+    def _nonfinite_envs(
+        self,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """
+        None when every reward and observation of this step is finite (one vectorised check), else
+        ``(bad_transition, bad_next_obs)`` per env: the transition to store has a NaN/inf reward or
+        next observation; the observation the agent acts on next is NaN/inf.
+        """
+        if self._vec_normalize_env is not None:
+            new_obs, reward = (
+                self._vec_normalize_env.get_original_obs(),
+                self._vec_normalize_env.get_original_reward(),
+            )
+        new_obs, reward = np.asarray(new_obs), np.asarray(reward)
+        terminal = [
+            i for i, done in enumerate(dones) if done and infos[i].get("terminal_observation") is not None
+        ]
+        finite = bool(np.isfinite(reward).all() and np.isfinite(new_obs).all())
+        finite = finite and all(np.isfinite(infos[i]["terminal_observation"]).all() for i in terminal)
+        if finite:
+            return None
+        obs_ok = np.isfinite(new_obs.reshape(len(new_obs), -1)).all(axis=1)
+        next_ok = obs_ok.copy()
+        for i in terminal:
+            next_ok[i] = bool(np.isfinite(infos[i]["terminal_observation"]).all())
+        bad_transition = ~(np.isfinite(reward.reshape(len(reward), -1)).all(axis=1) & next_ok)
+        return bad_transition, ~obs_ok
+
+    def _drop_nonfinite(
+        self,
+        replay_buffer: ReplayBuffer,
+        bad_transition: np.ndarray,
+        bad_next_obs: np.ndarray,
+        new_obs: np.ndarray,
+        reward: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """
+        Report NaN/inf from the envs and keep them out of the buffer. A bad transition is replaced
+        by a finite placeholder that no loss ever reads (its episode is closed as a time-out at the
+        transition before, and it gets zero priority); an env whose next observation is bad is reset.
+        """
+        if self._vec_normalize_env is not None:
+            raise FloatingPointError(
+                f"Environment(s) {np.flatnonzero(bad_transition | bad_next_obs).tolist()} returned a "
+                f"non-finite reward or observation at step {self.num_timesteps}; with VecNormalize, its "
+                "running statistics are already corrupted, so training stops here."
+            )
+        new_obs, reward, dones = (
+            np.array(new_obs, copy=True),
+            np.array(reward, copy=True),
+            np.array(dones, copy=True),
+        )
+        infos = [dict(info) for info in infos]
+        last_obs = np.asarray(self._last_obs)
+        has_previous = replay_buffer.full or replay_buffer.pos > 0
+        previous_row = (replay_buffer.pos - 1) % replay_buffer.buffer_size
+        for i in np.flatnonzero(bad_transition | bad_next_obs):
+            what = "reward" if not np.isfinite(reward[i]).all() else "observation"
+            action = (
+                "was not stored; its episode is cut there (stored as a time-out)" if bad_transition[i] else ""
+            )
+            if bad_next_obs[i]:
+                action += ("; " if action else "") + "the environment is reset"
+            warnings.warn(
+                f"Environment {i} returned a non-finite {what} at step {self.num_timesteps}: the transition "
+                f"{action} (counted in num_nonfinite_transitions, logged as rollout/nonfinite_transitions).",
+                checkpoint.NonFiniteTransitionWarning,
+                stacklevel=3,
+            )
+            if bad_transition[i]:
+                self.num_nonfinite_transitions += 1
+                if has_previous and not replay_buffer.dones[previous_row, i]:
+                    replay_buffer.dones[previous_row, i] = 1
+                    replay_buffer.timeouts[previous_row, i] = 1
+                reward[i] = 0.0
+                dones[i] = True
+                infos[i]["terminal_observation"] = np.array(last_obs[i], copy=True)
+                infos[i]["TimeLimit.truncated"] = True
+            if bad_next_obs[i]:
+                assert self.env is not None
+                if self._episode_rng is not None:
+                    states = checkpoint.env_rng_states(self.env)
+                    self._episode_rng[i] = None if states is None else states[i]
+                obs, _ = self.env.env_method("reset", indices=[i])[0]
+                if not np.isfinite(obs).all():
+                    raise FloatingPointError(
+                        f"Environment {i} returned a non-finite observation at reset "
+                        f"(step {self.num_timesteps})"
+                    )
+                new_obs[i] = obs
+                dones[i] = True
+        self.logger.record("rollout/nonfinite_transitions", self.num_nonfinite_transitions)
+        return new_obs, reward, dones, infos
 
     # ------------------------------------------------------------------ training
 
@@ -391,9 +530,15 @@ class TDMPC(OffPolicyAlgorithm):
             return
         terms = dict(zip(("consistency_loss", "reward_loss", "value_loss"), losses, strict=False)) | named
         bad = [name for name, value in terms.items() if not bool(th.isfinite(value).all())] or ["gradient"]
+        unchanged = (
+            "the policy prior was not changed (the world model had already taken this update's finite step)"
+            if "pi_loss" in named
+            else "no weight, optimizer state or priority was changed"
+        )
         raise FloatingPointError(
-            f"Non-finite {', '.join(bad)} at update {self._n_updates} (step {self.num_timesteps}); "
-            "the weights were not changed. Check the rewards and observations of the environment."
+            f"Non-finite {', '.join(bad)} in gradient update {self._n_updates + 1} "
+            f"(step {self.num_timesteps}); {unchanged}. Training stops; earlier checkpoints are unaffected. "
+            "Check the environment's rewards and observations, or lower the learning rate."
         )
 
     # ------------------------------------------------------------------ SB3 plumbing
@@ -443,3 +588,330 @@ class TDMPC(OffPolicyAlgorithm):
         super().set_env(env, force_reset)
         if force_reset:
             self._plan_state = None
+
+    # ------------------------------------------------------------------ collection, checkpoints, resuming
+
+    def collect_rollouts(
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        train_freq: TrainFreq,
+        replay_buffer: ReplayBuffer,
+        action_noise: ActionNoise | None = None,
+        learning_starts: int = 0,
+        log_interval: int | None = None,
+    ) -> RolloutReturn:
+        """
+        SB3's collection loop with three changes, so that checkpoints resume exactly:
+
+        * a step is complete (stored, schedules updated, episodes counted) before ``callback.on_step()``,
+          so a checkpoint written by a callback (``CheckpointCallback``) holds the step it is named after;
+        * where the rollout stands is kept for such a checkpoint, so that a resumed run finishes the
+          same rollout and takes the same gradient steps as the uninterrupted one;
+        * each env's RNG state before the step that reset it is kept (``_episode_rng``), so that a
+          resumed run can replay the reset of the episode the checkpoint was taken at.
+        """
+        self.policy.set_training_mode(False)
+        num_collected_steps, num_collected_episodes = self.__dict__.pop("_rollout_resume", (0, 0))
+        assert isinstance(env, VecEnv), "You must pass a VecEnv"
+        assert train_freq.frequency > 0, "Should at least collect one step or episode."
+        if env.num_envs > 1:
+            assert train_freq.unit == TrainFrequencyUnit.STEP, (
+                "You must use only one env when doing episodic training."
+            )
+        if self._episode_rng is None or len(self._episode_rng) != env.num_envs:
+            self._episode_rng = [None] * env.num_envs
+
+        callback.on_rollout_start()
+        while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
+            actions, buffer_actions = self._sample_action(learning_starts, action_noise, env.num_envs)
+            rng_before_step = checkpoint.env_rng_states(env)
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            num_collected_steps += 1
+            for i in np.flatnonzero(dones):
+                self._episode_rng[i] = None if rng_before_step is None else rng_before_step[i]
+
+            self._update_info_buffer(infos, dones)
+            self._store_transition(replay_buffer, buffer_actions, new_obs, rewards, dones, infos)  # type: ignore[arg-type]
+            self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+            self._on_step()
+            for idx, done in enumerate(dones):
+                if done:
+                    num_collected_episodes += 1
+                    self._episode_num += 1
+                    if action_noise is not None:
+                        action_noise.reset(**(dict(indices=[idx]) if env.num_envs > 1 else {}))
+                    if log_interval is not None and self._episode_num % log_interval == 0:
+                        self.dump_logs()
+
+            callback.update_locals(locals())
+            self._rollout_progress = (num_collected_steps, num_collected_episodes)
+            try:
+                keep_going = callback.on_step()
+            finally:
+                self._rollout_progress = None
+            if not keep_going:
+                return RolloutReturn(
+                    num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False
+                )
+        callback.on_rollout_end()
+        return RolloutReturn(
+            num_collected_steps * env.num_envs, num_collected_episodes, continue_training=True
+        )
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        assert self.env is not None, "You must set the environment before calling learn()"
+        self._check_replay_buffer(self.replay_buffer, "The replay buffer")
+        self._check_batch_size(reset_num_timesteps)
+        resume = self.__dict__.pop("_resume_state", None)
+        rng = self._resume(resume) if resume is not None and not reset_num_timesteps else None
+        if reset_num_timesteps or self._last_obs is None:
+            # learn() resets the envs: an episode the buffer holds unfinished can never continue.
+            self._close_open_episodes()
+            self._plan_state = None
+            self._episode_rng = None
+        result = super()._setup_learn(
+            total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
+        )
+        if not np.all(np.isfinite(self._last_obs)):  # type: ignore[arg-type]
+            raise FloatingPointError("The environments returned non-finite observations at reset")
+        if rng is not None:
+            checkpoint.set_global_rng_state(rng["global"])
+            self.action_space._np_random = checkpoint.generator_from_state(rng["action_space"])
+        return result
+
+    def _capture_resume_state(self) -> dict[str, Any]:
+        """What a resumed run needs beyond SB3's saved attributes: RNG states, the envs' current observations
+        (SB3's load discards ``_last_obs``), the planner's warm start and the rollout position."""
+        rb = self.replay_buffer
+
+        def copy(value: Any) -> Any:
+            return None if value is None else np.array(value, copy=True)
+
+        return {
+            "version": 1,
+            "rng": {
+                "global": checkpoint.global_rng_state(),
+                "action_space": self.action_space.np_random.bit_generator.state,
+            },
+            "last_obs": copy(self._last_obs),
+            "last_original_obs": copy(self._last_original_obs),
+            "plan_state": self._plan_state,
+            "rollout_progress": getattr(self, "_rollout_progress", None) or (0, 0),
+            "buffer_position": None if rb is None else (int(rb.pos), bool(rb.full)),
+        }
+
+    def _resume(self, state: dict[str, Any]) -> dict[str, Any]:
+        """
+        Put the loaded run back where it was saved: the envs reset from the RNG states their current
+        episodes started from (checked against the saved observations), the saved observations, warm
+        start and rollout position. Where that is impossible, warn and let learn() reset the envs.
+
+        :return: The RNG states to restore once learn() is set up
+        """
+        assert self.env is not None
+        env, problems = self.env, []
+        last_obs, rngs = state["last_obs"], self._episode_rng
+        starts = np.asarray(self._last_episode_starts, dtype=bool).reshape(-1)
+        if last_obs is None or len(last_obs) != env.num_envs or len(starts) != env.num_envs:
+            problems.append(f"it was saved with other environments than the {env.num_envs} given")
+        else:
+            if not starts.all():
+                problems.append(
+                    f"environment(s) {np.flatnonzero(~starts).tolist()} were in the middle of an episode "
+                    "(an exact resume needs a checkpoint taken at the end of an episode)"
+                )
+            elif rngs is None or len(rngs) != env.num_envs or any(rng is None for rng in rngs):
+                problems.append("the RNG state the environments' current episodes were reset from is unknown")
+        rb = self.replay_buffer
+        if state["buffer_position"] != (None if rb is None else (int(rb.pos), bool(rb.full))):
+            problems.append(
+                "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
+            )
+        if not problems:
+            checkpoint.set_env_rng_states(env, rngs)  # type: ignore[arg-type]
+            raw = state["last_original_obs"] if self._vec_normalize_env is not None else last_obs
+            resets = env.env_method("reset")
+            differ = [
+                i
+                for i, (obs, _) in enumerate(resets)
+                if not np.array_equal(np.asarray(obs, dtype=raw.dtype), raw[i])
+            ]
+            if differ:
+                problems.append(f"environment(s) {differ} do not reproduce their reset from their RNG state")
+        if problems:
+            warnings.warn(
+                f"learn(reset_num_timesteps=False) continues the run saved at step {self.num_timesteps}, "
+                f"but not exactly: {'; '.join(problems)}. The environments are reset, and episodes the "
+                "replay buffer holds unfinished are closed as time-outs.",
+                checkpoint.ResumeWarning,
+                stacklevel=5,
+            )
+            self._last_obs = None  # type: ignore[assignment]
+        else:
+            self._last_obs = last_obs
+            self._last_original_obs = state["last_original_obs"]
+            self._plan_state = state["plan_state"]
+            self._rollout_resume = tuple(state["rollout_progress"])
+        return state["rng"]
+
+    def _close_open_episodes(self) -> None:
+        """Mark the last stored transition of each env as a time-out unless it already ends an episode."""
+        rb = self.replay_buffer
+        if rb is None or not (rb.full or rb.pos > 0):
+            return
+        row = (rb.pos - 1) % rb.buffer_size
+        unfinished = rb.dones[row] == 0
+        rb.timeouts[row, unfinished] = 1
+        rb.dones[row, unfinished] = 1
+
+    def _check_batch_size(self, reset_num_timesteps: bool) -> None:
+        rb = self.replay_buffer
+        capacity = rb.buffer_size * rb.n_envs
+        stored = (rb.buffer_size if rb.full else rb.pos) * rb.n_envs
+        steps = 0 if reset_num_timesteps else self.num_timesteps
+        at_first_update = min(capacity, stored + max(self.learning_starts + 1 - steps, 1))
+        if self.batch_size > at_first_update:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) is larger than the {at_first_update} transitions the "
+                f"replay buffer holds at the first gradient update (learning_starts={self.learning_starts}, "
+                f"capacity {capacity}): every batch would repeat sequences. Lower batch_size, or raise "
+                "learning_starts (and buffer_size) to at least batch_size."
+            )
+
+    def _check_replay_buffer(self, buffer: Any, source: str) -> None:
+        """Refuse a replay buffer this model cannot train on, with a message naming where it came from."""
+        if not isinstance(buffer, ReplayBuffer) or not hasattr(buffer, "sample_sequences"):
+            raise checkpoint.CheckpointError(
+                f"{source} holds a {type(buffer).__name__}, not a replay buffer with sample_sequences() "
+                "such as PrioritizedReplayBuffer"
+            )
+        if buffer.observation_space != self.observation_space or buffer.action_space != self.action_space:
+            raise checkpoint.CheckpointError(
+                f"{source} was collected with observation space {buffer.observation_space} and action space "
+                f"{buffer.action_space}; this model has {self.observation_space} and {self.action_space}"
+            )
+        n_envs = self.n_envs if self.env is None else self.env.num_envs
+        if buffer.n_envs != n_envs:
+            raise checkpoint.CheckpointError(
+                f"{source} stores {buffer.n_envs} environment(s) per step, this model steps {n_envs}: "
+                "resume with as many environments as the buffer was collected with"
+            )
+        if not self.horizon < buffer.buffer_size:
+            raise checkpoint.CheckpointError(
+                f"{source} holds {buffer.buffer_size} steps per env, too few for sequences of "
+                f"horizon {self.horizon}"
+            )
+
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """
+        Save the model, with everything ``learn(reset_num_timesteps=False)`` needs to continue the run
+        exactly after ``load`` (see docs/reliability.md). A path is written atomically: a crash while
+        saving leaves any previous file of that name intact.
+
+        :param path: File (``.zip`` appended without a suffix) or writable binary file object
+        :param exclude: Attributes not to save, beyond the defaults
+        :param include: Attributes to save even if excluded by default
+        """
+        # A loaded model that has not resumed yet still holds the state of the run it was loaded from.
+        pending = self.__dict__.pop("_resume_state", None)
+        self._resume_state = pending if pending is not None else self._capture_resume_state()
+        try:
+            if isinstance(path, (str, pathlib.Path)):
+                checkpoint.atomic_write(
+                    checkpoint.save_path(path, "zip"),
+                    lambda file: super(TDMPC, self).save(file, exclude, include),
+                )
+            else:
+                super().save(path, exclude, include)
+        finally:
+            del self._resume_state
+            if pending is not None:
+                self._resume_state = pending
+
+    @classmethod
+    def load(  # type: ignore[override]
+        cls: type[SelfTDMPC],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTDMPC:
+        """
+        SB3's ``load``, with a :class:`~sb3_tdmpc.common.checkpoint.CheckpointError` naming the file when
+        it is truncated, corrupted or was trained on other observation/action spaces than ``env``'s.
+        ``learn(reset_num_timesteps=False)`` then continues the saved run (docs/reliability.md).
+        """
+        if isinstance(path, (str, pathlib.Path)):
+            path = checkpoint.load_path(path, "zip")
+            checkpoint.check_zip_archive(path)
+        try:
+            return super().load(
+                path,
+                env=env,
+                device=device,
+                custom_objects=custom_objects,
+                print_system_info=print_system_info,
+                force_reset=force_reset,
+                **kwargs,
+            )
+        except ValueError as e:
+            if "spaces do not match" not in str(e):
+                raise
+            raise checkpoint.CheckpointError(
+                f"{path} cannot run on this environment: {e}. A checkpoint loads only with an environment "
+                "of the observation and action spaces it was trained on."
+            ) from e
+
+    def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """
+        Pickle the replay buffer (transitions, SumTree priorities, max priority, write position).
+        A path (``.pkl`` appended without a suffix) is written atomically.
+        """
+        assert self.replay_buffer is not None, "The replay buffer is not defined"
+        if isinstance(path, (str, pathlib.Path)):
+            checkpoint.atomic_write(
+                checkpoint.save_path(path, "pkl"),
+                lambda file: pickle.dump(self.replay_buffer, file, protocol=pickle.HIGHEST_PROTOCOL),
+            )
+        else:
+            super().save_replay_buffer(path)
+
+    def load_replay_buffer(
+        self, path: str | pathlib.Path | io.BufferedIOBase, truncate_last_traj: bool = True
+    ) -> None:
+        """
+        Load a replay buffer saved by ``save_replay_buffer``. A truncated or corrupted file, or a buffer
+        of other spaces or another number of envs, raises a
+        :class:`~sb3_tdmpc.common.checkpoint.CheckpointError` naming it, and the current buffer is kept.
+
+        :param path: File (``.pkl`` appended if needed) or readable binary file object
+        :param truncate_last_traj: Unused (HER only in SB3); an episode left unfinished by the buffer is
+            closed as a time-out when learn() resets the environments
+        """
+        if isinstance(path, (str, pathlib.Path)):
+            buffer = checkpoint.load_pickle(path)
+        else:
+            try:
+                buffer = pickle.load(path)
+            except Exception as e:
+                raise checkpoint.CheckpointError(f"Cannot read a replay buffer from {path}: {e}") from e
+        self._check_replay_buffer(buffer, f"The replay buffer in {path}")
+        buffer.device = self.device
+        self.replay_buffer = buffer

@@ -1,0 +1,458 @@
+"""Checkpoints that resume exactly, determinism, clear errors on bad input, numerical faults.
+
+docs/reliability.md lists each guarantee with the test here that proves it.
+"""
+
+import pickle
+import random
+import re
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from conftest import TINY
+from gymnasium import spaces
+from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure
+
+import sb3_tdmpc  # noqa: F401  (registers the Meta-World ids)
+from sb3_tdmpc import TDMPC
+from sb3_tdmpc.common.checkpoint import CheckpointError, NonFiniteTransitionWarning, ResumeWarning
+from sb3_tdmpc.envs.metaworld import make_metaworld_env
+
+BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+
+
+def assert_same_state(a: TDMPC, b: TDMPC) -> None:
+    """Bitwise: networks (target included), both optimizers, replay buffer and priorities, counters."""
+    for (name, p), q in zip(a.policy.state_dict().items(), b.policy.state_dict().values(), strict=True):
+        assert th.equal(p, q), name
+    for optimizer in ("optimizer", "pi_optimizer"):
+        state_a = getattr(a.policy, optimizer).state_dict()["state"]
+        state_b = getattr(b.policy, optimizer).state_dict()["state"]
+        assert state_a.keys() == state_b.keys()
+        for key in state_a:
+            for field, value in state_a[key].items():
+                assert th.equal(value, state_b[key][field]), (optimizer, key, field)
+    rb_a, rb_b = a.replay_buffer, b.replay_buffer
+    for field in BUFFER_FIELDS:
+        assert np.array_equal(getattr(rb_a, field), getattr(rb_b, field)), field
+    assert np.array_equal(rb_a.tree.nodes, rb_b.tree.nodes)
+    assert (rb_a.pos, rb_a.full, rb_a.max_priority) == (rb_b.pos, rb_b.full, rb_b.max_priority)
+    assert (a.num_timesteps, a._n_updates, a._episode_num) == (b.num_timesteps, b._n_updates, b._episode_num)
+    assert (a.policy.planning_horizon, a.policy.std_floor) == (b.policy.planning_horizon, b.policy.std_floor)
+
+
+def scramble_global_rngs() -> None:
+    """What a new process would have: nothing of the saved run's RNG states."""
+    th.manual_seed(12345)
+    np.random.seed(12345)  # noqa: NPY002
+    random.seed(12345)
+
+
+# --------------------------------------------------------------------------- 1. resume exactly
+
+
+@pytest.mark.parametrize(("env_id", "episode"), [("Pendulum-v1", 200), ("reach-v3", 250)])
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, env_id, episode):
+    """N steps, save (model + buffer), load in fresh objects, M more steps == N + M steps, bitwise."""
+    n, m = episode, 60
+    kwargs = dict(**{**TINY, "learning_starts": n - 50}, seed=0)
+
+    def make_env():
+        return make_vec_env(env_id, n_envs=1, seed=0)
+
+    # The uninterrupted run; its CheckpointCallback writes a checkpoint at step N on the way.
+    uninterrupted = TDMPC("MlpPolicy", make_env(), **kwargs)
+    callback = CheckpointCallback(n, str(tmp_path / "callback"), save_replay_buffer=True)
+    uninterrupted.learn(n + m, callback=callback)
+
+    # N steps, save, load in new objects with a new env, M more steps.
+    first = TDMPC("MlpPolicy", make_env(), **kwargs)
+    first.learn(n)
+    first.save(tmp_path / "model")
+    first.save_replay_buffer(tmp_path / "buffer")
+    del first
+    scramble_global_rngs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        resumed = TDMPC.load(tmp_path / "model", env=make_env())
+        resumed.load_replay_buffer(tmp_path / "buffer")
+        resumed.learn(m, reset_num_timesteps=False)
+    assert_same_state(uninterrupted, resumed)
+
+    # The same from the CheckpointCallback's files, written in the middle of learn().
+    scramble_global_rngs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        from_callback = TDMPC.load(tmp_path / "callback" / f"rl_model_{n}_steps.zip", env=make_env())
+        from_callback.load_replay_buffer(tmp_path / "callback" / f"rl_model_replay_buffer_{n}_steps.pkl")
+        from_callback.learn(m, reset_num_timesteps=False)
+    assert_same_state(uninterrupted, from_callback)
+
+
+def test_resave_of_a_loaded_model_keeps_the_run_state(tmp_path):
+    model = TDMPC("Pendulum-v1", seed=0, **{**TINY, "learning_starts": 1000})
+    model.learn(30)
+    model.save(tmp_path / "a")
+    loaded = TDMPC.load(tmp_path / "a", env=make_vec_env("Pendulum-v1", seed=0))
+    th.manual_seed(7)  # e.g. predict() between load and save
+    loaded.save(tmp_path / "b")
+    again = TDMPC.load(tmp_path / "b")
+    saved, resaved = loaded._resume_state, again._resume_state
+    assert th.equal(saved["rng"]["global"]["torch"], resaved["rng"]["global"]["torch"])
+    assert np.array_equal(saved["last_obs"], resaved["last_obs"])
+
+
+def seed_phase_model(**kwargs):
+    # Seed-phase steps only (random actions, no update): cheap, and enough for what is tested.
+    return TDMPC("Pendulum-v1", seed=0, **{**TINY, "learning_starts": 10_000, **kwargs})
+
+
+def test_resume_mid_episode_warns_and_closes_the_episode_as_a_timeout(tmp_path):
+    model = seed_phase_model()
+    model.learn(150)  # Pendulum episodes last 200 steps
+    model.save(tmp_path / "model")
+    model.save_replay_buffer(tmp_path / "buffer")
+    resumed = TDMPC.load(tmp_path / "model", env=make_vec_env("Pendulum-v1", seed=0))
+    resumed.load_replay_buffer(tmp_path / "buffer")
+    assert resumed.replay_buffer.dones[149, 0] == 0
+    with pytest.warns(
+        ResumeWarning, match=r"not exactly: environment\(s\) \[0\] were in the middle of an episode"
+    ):
+        resumed.learn(10, reset_num_timesteps=False)
+    rb = resumed.replay_buffer
+    # The cut episode ends at its last stored transition, as a time-out (bootstrapped, not terminal).
+    assert rb.dones[149, 0] == 1 and rb.timeouts[149, 0] == 1
+    assert rb.pos == 160 and resumed.num_timesteps == 160
+
+
+def test_resume_without_the_replay_buffer_warns(tmp_path):
+    model = seed_phase_model()
+    model.learn(200)
+    model.save(tmp_path / "model")
+    resumed = TDMPC.load(tmp_path / "model", env=make_vec_env("Pendulum-v1", seed=0))
+    with pytest.warns(ResumeWarning, match="replay buffer is not the one saved with the checkpoint"):
+        resumed.learn(5, reset_num_timesteps=False)
+
+
+# --------------------------------------------------------------------------- 2. determinism
+
+
+class RecordingLogger:
+    """Wraps a logger's ``record`` to keep every training statistic in order."""
+
+    def __init__(self, model: TDMPC) -> None:
+        self.values: list[tuple[str, float]] = []
+        logger = configure(None, [])
+        record = logger.record
+
+        def recording(key, value, exclude=None):
+            if key.startswith("train/") and key != "train/seconds_per_update":
+                self.values.append((key, value))
+            record(key, value, exclude)
+
+        logger.record = recording
+        model.set_logger(logger)
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "reach-v3"])
+def test_same_seed_gives_the_same_losses_and_actions_for_1000_steps(env_id):
+    # 800 seed steps (random actions, environment and action-space RNGs), then 200 planned steps with
+    # one gradient update each (planner, policy noise, prioritized sampling: torch and numpy RNGs).
+    def run():
+        model = TDMPC(env_id, seed=3, **{**TINY, "learning_starts": 800})
+        losses = RecordingLogger(model)
+        model.learn(1000)
+        return model, losses.values
+
+    (first, losses_1), (second, losses_2) = run(), run()
+    assert len(losses_1) > 100 and losses_1 == losses_2
+    assert first.replay_buffer.pos == 1000
+    assert np.array_equal(first.replay_buffer.actions, second.replay_buffer.actions)
+    assert_same_state(first, second)
+
+
+# --------------------------------------------------------------------------- 3. bad input
+
+
+class SpacesEnv(gym.Env):
+    def __init__(self, observation_space, action_space):
+        self.observation_space, self.action_space = observation_space, action_space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+@pytest.mark.parametrize(
+    ("observation_space", "action_space", "match"),
+    [
+        (spaces.Box(-1, 1, (3,)), spaces.Discrete(3), "Discrete"),
+        (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([3, 2]), "MultiDiscrete"),
+        (spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,)), "finite"),
+        (spaces.Discrete(5), spaces.Box(-1, 1, (2,)), "observation"),
+    ],
+)
+def test_unsupported_spaces_are_refused(observation_space, action_space, match):
+    with pytest.raises((ValueError, AssertionError), match=match):
+        TDMPC("MlpPolicy", SpacesEnv(observation_space, action_space), **TINY)
+
+
+def test_unknown_metaworld_task_lists_close_matches():
+    with pytest.raises(ValueError, match=r"Unknown Meta-World task 'rech-v3'. Did you mean: reach-v3"):
+        make_metaworld_env("rech-v3")
+    with pytest.raises(gym.error.NameNotFound, match="Did you mean: `reach`"):
+        TDMPC("rech-v3")
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="optimize_memory_usage"):
+        TDMPC("Pendulum-v1", optimize_memory_usage=True)
+    with pytest.raises(ValueError, match=r"horizon \(10\) must be smaller than the buffer's length"):
+        TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "stored"),
+    [
+        (dict(batch_size=64, learning_starts=20), 21),
+        (dict(batch_size=64, buffer_size=40, learning_starts=100), 40),
+    ],
+)
+def test_batch_larger_than_the_stored_transitions_is_refused_before_any_step(kwargs, stored):
+    model = TDMPC("Pendulum-v1", **{**TINY, **kwargs})
+    with pytest.raises(ValueError, match=rf"batch_size \(64\) is larger than the {stored} transitions"):
+        model.learn(100)
+    assert model.num_timesteps == 0
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = seed_phase_model()
+    model.learn(20)
+    model.save(tmp_path / "model.zip")
+    model.save_replay_buffer(tmp_path / "buffer.pkl")
+    return model, tmp_path / "model.zip", tmp_path / "buffer.pkl"
+
+
+def test_truncated_or_corrupted_checkpoint_names_the_file(saved, tmp_path):
+    _, path, _ = saved
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(truncated))} .*truncated or corrupted"):
+        TDMPC.load(truncated)
+    # One flipped byte inside the network parameters.
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("policy.pth")
+    corrupted = tmp_path / "corrupted.zip"
+    offset = info.header_offset + 30 + len(info.filename) + info.compress_size // 2  # inside its data
+    corrupted.write_bytes(data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1 :])
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(corrupted))} is corrupted: member 'policy.pth' fails its CRC"
+    ):
+        TDMPC.load(corrupted)
+
+
+def test_truncated_or_inconsistent_buffer_names_the_file_and_keeps_the_current_buffer(saved, tmp_path):
+    model, _, path = saved
+    current = model.replay_buffer
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(
+        CheckpointError, match=rf"{re.escape(str(truncated))} is not a readable replay buffer"
+    ):
+        model.load_replay_buffer(truncated)
+    inconsistent = tmp_path / "inconsistent.pkl"
+    current.tree.nodes[current.tree.n_leaves + 1500] = 5.0  # a priority on a transition never written
+    inconsistent.write_bytes(pickle.dumps(current))
+    current.tree.nodes[current.tree.n_leaves + 1500] = 0.0
+    with pytest.raises(
+        CheckpointError, match="Inconsistent replay buffer: priorities on transitions never written"
+    ):
+        model.load_replay_buffer(inconsistent)
+    assert model.replay_buffer is current
+
+
+def test_checkpoint_or_buffer_of_other_spaces_is_refused(saved, tmp_path):
+    model, path, buffer_path = saved
+    other = make_vec_env("MountainCarContinuous-v0", seed=0)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{re.escape(str(path))} cannot run on this environment: Observation spaces do not",
+    ):
+        TDMPC.load(path, env=other)
+    with pytest.raises(CheckpointError, match="collected with observation space Box"):
+        TDMPC("MlpPolicy", other, **TINY).load_replay_buffer(buffer_path)
+    with pytest.raises(CheckpointError, match="stores 1 environment"):
+        TDMPC("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2), **TINY).load_replay_buffer(buffer_path)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_intact(saved, monkeypatch):
+    model, path, buffer_path = saved
+    before, buffer_before = path.read_bytes(), buffer_path.read_bytes()
+    model.learn(10, reset_num_timesteps=False)  # the model changes after its last checkpoint
+
+    def failing_save(obj, file, *args, **kwargs):
+        file.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(th, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        model.save(path)
+    monkeypatch.undo()
+    model.replay_buffer.unpicklable = lambda: None  # pickling fails after the arrays were written
+    with pytest.raises((pickle.PicklingError, AttributeError)):
+        model.save_replay_buffer(buffer_path)
+    del model.replay_buffer.unpicklable
+    assert path.read_bytes() == before and buffer_path.read_bytes() == buffer_before
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "buffer.pkl",
+        "model.zip",
+    ]  # no temporary file left
+    TDMPC.load(path).load_replay_buffer(buffer_path)
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_buffer_intact(tmp_path):
+    path = tmp_path / "buffer.pkl"
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from sb3_tdmpc import TDMPC
+
+        class KillWhilePickled:
+            def __reduce__(self):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        model = TDMPC("Pendulum-v1", buffer_size=5000, policy_kwargs=dict(mlp_dim=8, enc_dim=8))
+        model.replay_buffer.rewards[:] = 1.0
+        model.save_replay_buffer({str(path)!r})
+        model.replay_buffer.rewards[:] = 123.0
+        model.replay_buffer.zzz = KillWhilePickled()  # pickled last, after every array
+        model.save_replay_buffer({str(path)!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert result.returncode == -9, result.stderr.decode()[-2000:]
+    model = TDMPC("Pendulum-v1", buffer_size=5000)
+    model.load_replay_buffer(path)
+    assert np.all(model.replay_buffer.rewards == 1.0)
+
+
+# --------------------------------------------------------------------------- 4. numerical faults
+
+
+@pytest.fixture
+def trained():
+    model = TDMPC("Pendulum-v1", seed=0, **{**TINY, "learning_starts": 60})
+    model.learn(80)
+    return model
+
+
+def snapshot(model):
+    policy = model.policy
+    return (
+        {k: v.clone() for k, v in policy.state_dict().items()},
+        [pickle.dumps(opt.state_dict()) for opt in (policy.optimizer, policy.pi_optimizer)],
+        model.replay_buffer.tree.nodes.copy(),
+    )
+
+
+def assert_unchanged(model, before):
+    params, optimizers, tree = before
+    for name, value in model.policy.state_dict().items():
+        assert th.equal(params[name], value), name
+    policy = model.policy
+    assert [pickle.dumps(opt.state_dict()) for opt in (policy.optimizer, policy.pi_optimizer)] == optimizers
+    assert np.array_equal(model.replay_buffer.tree.nodes, tree)
+
+
+def test_non_finite_loss_stops_training_naming_the_term_and_step_and_changes_nothing(trained):
+    rb = trained.replay_buffer
+    rb.rewards[: rb.pos] = np.nan  # bypasses _store_transition, which would refuse it
+    before = snapshot(trained)
+    updates = trained._n_updates
+    with pytest.raises(
+        FloatingPointError, match=rf"reward_loss, value_loss in gradient update {updates + 1} \(step 80\)"
+    ):
+        trained.train(gradient_steps=1, batch_size=16)
+    assert_unchanged(trained, before)
+    assert trained._n_updates == updates
+
+
+def test_non_finite_gradient_is_caught_even_with_finite_losses(trained):
+    before = snapshot(trained)
+    trained.policy.model.reward[-1].weight.register_hook(lambda grad: grad * np.nan)
+    with pytest.raises(FloatingPointError, match="Non-finite gradient in gradient update"):
+        trained.train(gradient_steps=1, batch_size=16)
+    assert_unchanged(trained, before)
+
+
+def test_non_finite_policy_loss_leaves_the_policy_prior_unchanged(trained, monkeypatch):
+    update_world_model = trained._update_world_model
+
+    def nan_latents(data):
+        stats, latents = update_world_model(data)
+        return stats, latents * np.nan
+
+    monkeypatch.setattr(trained, "_update_world_model", nan_latents)
+    pi_before = [p.clone() for p in trained.policy.model.pi_net.parameters()]
+    with pytest.raises(FloatingPointError, match="Non-finite pi_loss.*the policy prior was not changed"):
+        trained.train(gradient_steps=1, batch_size=16)
+    assert all(
+        th.equal(a, b) for a, b in zip(pi_before, trained.policy.model.pi_net.parameters(), strict=True)
+    )
+
+
+class FaultyEnv(gym.Wrapper):
+    """Pendulum whose reward is NaN at some steps and whose observation blows up (inf) at others."""
+
+    def __init__(self, nan_reward_at=(), inf_obs_at=()):
+        super().__init__(gym.make("Pendulum-v1"))
+        self.nan_reward_at, self.inf_obs_at, self.t = set(nan_reward_at), set(inf_obs_at), 0
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.t += 1
+        if self.t in self.nan_reward_at:
+            reward = float("nan")
+        if self.t in self.inf_obs_at:
+            obs = np.full_like(obs, np.inf)
+        return obs, reward, terminated, truncated, info
+
+
+def test_non_finite_rewards_and_observations_are_reported_not_stored():
+    env = make_vec_env(lambda: FaultyEnv(nan_reward_at=(20, 75), inf_obs_at=(40,)), n_envs=1, seed=0)
+    model = TDMPC("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 60})
+    model.set_logger(configure(None, []))
+    with pytest.warns(NonFiniteTransitionWarning) as record:
+        model.learn(100)
+    messages = [str(w.message) for w in record if issubclass(w.category, NonFiniteTransitionWarning)]
+    assert len(messages) == 3
+    assert messages[0].startswith(
+        "Environment 0 returned a non-finite reward at step 20: the transition was not"
+    )
+    assert messages[1].startswith("Environment 0 returned a non-finite observation at step 40")
+    assert "the environment is reset" in messages[1]
+    assert model.num_nonfinite_transitions == 3
+    assert model.logger.name_to_value["rollout/nonfinite_transitions"] == 3
+
+    rb = model.replay_buffer
+    for field in ("observations", "next_observations", "rewards", "actions"):
+        assert np.isfinite(getattr(rb, field)[: rb.pos]).all(), field
+    for step in (20, 40, 75):  # step t is row t - 1
+        assert rb.dones[step - 2, 0] == 1 and rb.timeouts[step - 2, 0] == 1  # episode closed before it
+        assert rb.tree.get(step - 1) == 0.0  # the placeholder is never a sequence start
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+    assert model._n_updates > 20  # training went on
