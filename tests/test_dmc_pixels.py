@@ -116,6 +116,7 @@ def test_action_repeat_per_domain():
     assert dmc.DEFAULT_ACTION_REPEAT == 2
     assert [tdmpc_action_repeat(t) for t in ("walker-walk", "finger-spin", "cartpole-swingup")] == [2, 2, 8]
     assert tdmpc_action_repeat("cheetah-run") == tdmpc_action_repeat("quadruped-walk") == 4
+    assert tdmpc_action_repeat("humanoid-walk") == tdmpc_action_repeat("dog-run") == 2
     env = gym.make("dmc/cartpole-swingup-v0", action_repeat="tdmpc")
     assert env.get_wrapper_attr("action_repeat") == 8
     assert gym.make("dmc/cartpole-swingup-v0").get_wrapper_attr("action_repeat") == 2
@@ -141,7 +142,7 @@ def test_missing_dm_control_gives_install_hint(monkeypatch):
         make_dmc_env("walker-walk")
 
 
-def test_dmc_id_trains_and_evaluates_on_the_raw_env():
+def test_dmc_id_trains_and_evaluates_on_the_raw_env(tmp_path):
     model = TDMPC("MlpPolicy", "dm_control/cartpole-swingup-v0", seed=0, **{**TINY, "train_freq": 2})
     assert model.observation_space == spaces.Box(-np.inf, np.inf, (5,), np.float32)
     model.learn(300)
@@ -150,6 +151,12 @@ def test_dmc_id_trains_and_evaluates_on_the_raw_env():
     raw = gym.wrappers.TimeLimit(gym.make("dm_control/cartpole-swingup-v0"), 50)
     mean_reward, _ = evaluate_policy(model, raw, n_eval_episodes=1, warn=False)
     assert np.isfinite(mean_reward)
+    # Loaded without an env, the model still flattens raw Dict observations.
+    model.save(tmp_path / "state")
+    loaded = TDMPC.load(tmp_path / "state")
+    assert loaded.dict_observation_space == model.dict_observation_space
+    obs, _ = raw.reset(seed=0)
+    assert loaded.predict(obs, deterministic=True)[0].shape == (1,)
 
 
 # --------------------------------------------------------------------------- pixels
@@ -199,7 +206,7 @@ def test_pixel_env_trains_with_cnn_policy(renderer, tmp_path):
     assert env.observation_space == spaces.Box(0, 255, (9, 84, 84), np.uint8)
     model = TDMPC("CnnPolicy", env, seed=0, **TINY_PIXELS)
     assert model.get_env().observation_space == env.observation_space  # no VecTransposeImage
-    model.learn(200)
+    model.learn(300)
     assert model._n_updates > 0
 
     buffer = model.replay_buffer
@@ -234,3 +241,25 @@ def test_metaworld_from_pixels(renderer):
 def test_pixel_observation_needs_rgb_render():
     with pytest.raises(ValueError, match="rgb_array"):
         PixelObservation(gym.make("Pendulum-v1"))
+
+
+def test_dmc_hyperparams():
+    import pathlib
+
+    import yaml
+
+    path = pathlib.Path(__file__).parents[1] / "hyperparams" / "tdmpc_dmc.yml"
+    entries = yaml.safe_load(path.read_text())
+    templates = {"default", "pixels"}
+    assert not set(entries) - templates - set(gym.registry), "unregistered ids"
+    tasks = ["walker-walk", "cheetah-run", "cartpole-swingup", "reacher-easy", "finger-spin"]
+    tasks.append("quadruped-walk")
+    for env_id in tasks:
+        state, pixels = entries[f"dmc/{env_id}-v0"], entries[f"dmc/{env_id}-pixels-v0"]
+        assert state["policy"] == "MlpPolicy" and state["env_kwargs"] == {"action_repeat": 2}
+        assert pixels["policy"] == "CnnPolicy" and pixels["env_kwargs"] == {"action_repeat": 2}
+        assert pixels["learning_rate"] == 3e-4 and pixels["batch_size"] == 256
+    for env_id, params in entries.items():
+        if params["policy"] == "CnnPolicy":
+            # obs + next_obs of (9, 84, 84) uint8 frames must fit a 24 GB machine.
+            assert 2 * 9 * 84 * 84 * params["buffer_size"] < 24e9, env_id

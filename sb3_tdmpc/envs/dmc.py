@@ -45,8 +45,8 @@ DMC_TASKS: tuple[str, ...] = (
 DEFAULT_ACTION_REPEAT = 2
 """Action repeat of every domain unless told otherwise (TD-MPC2's DMC setup)."""
 
-TDMPC_ACTION_REPEAT: dict[str, int] = {"cartpole": 8, "walker": 2, "finger": 2}
-"""TD-MPC's (v1) per-domain action repeat (the DrQ / PlaNet convention); other domains use 4."""
+TDMPC_ACTION_REPEAT: dict[str, int] = {"cartpole": 8, "walker": 2, "finger": 2, "humanoid": 2, "dog": 2}
+"""TD-MPC's (v1) per-domain action repeat (its cfgs/tasks, the PlaNet / DrQ convention); others use 4."""
 
 TDMPC_DEFAULT_ACTION_REPEAT = 4
 """TD-MPC's (v1) action repeat of the domains not in :data:`TDMPC_ACTION_REPEAT`."""
