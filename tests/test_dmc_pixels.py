@@ -40,6 +40,7 @@ TINY_PIXELS = {
 class ImageEnv(gym.Env):
     """A channels-first uint8 image env that needs no renderer."""
 
+    metadata = {"render_modes": ["rgb_array"]}
     observation_space = spaces.Box(0, 255, (9, 84, 84), np.uint8)
     action_space = spaces.Box(-1, 1, (2,), np.float32)
 
@@ -199,6 +200,11 @@ def test_policy_and_observation_space_mismatch():
     with pytest.raises(ValueError, match="use MlpPolicy"):
         TDMPC("CnnPolicy", "Pendulum-v1", **TINY)
     assert TDMPC.policy_aliases["CnnPolicy"] is CnnPolicy and TDMPC.policy_aliases["MlpPolicy"] is MlpPolicy
+    # An id alone picks the policy from the observations, as TDMPC("reach-v3") does.
+    if "TestImageEnv-v0" not in gym.registry:
+        gym.register("TestImageEnv-v0", entry_point=ImageEnv)
+    assert type(TDMPC("TestImageEnv-v0", **TINY).policy) is CnnPolicy
+    assert type(TDMPC("Pendulum-v1", **TINY).policy) is MlpPolicy
 
 
 def test_pixel_env_trains_with_cnn_policy(renderer, tmp_path):

@@ -18,6 +18,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.type_aliases import (
     GymEnv,
     MaybeCallback,
@@ -51,8 +52,9 @@ class TDMPC(OffPolicyAlgorithm):
     The defaults are the official TD-MPC settings. Schedules (planning horizon, planner std) count
     environment steps (``num_timesteps``), not SB3's training progress.
 
-    :param policy: The policy model to use ("MlpPolicy"); an environment id here (``TDMPC("reach-v3")``)
-        means ``TDMPC("MlpPolicy", "reach-v3")``
+    :param policy: The policy model to use ("MlpPolicy", or "CnnPolicy" for images); an environment id
+        here (``TDMPC("reach-v3")``) means ``TDMPC("MlpPolicy", "reach-v3")`` (``CnnPolicy`` if the
+        env observes images)
     :param env: The environment to learn from (if registered in Gym, can be str)
     :param learning_rate: Learning rate of the world model and of the policy prior
     :param buffer_size: Size of the replay buffer
@@ -143,7 +145,8 @@ class TDMPC(OffPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ) -> None:
-        if env is None and isinstance(policy, str) and policy not in self.policy_aliases:
+        id_only = env is None and isinstance(policy, str) and policy not in self.policy_aliases
+        if id_only:
             policy, env = "MlpPolicy", policy
         ensure_shimmy_envs(env)  # dm_control/... ids exist once shimmy is imported
         if optimize_memory_usage:
@@ -178,6 +181,8 @@ class TDMPC(OffPolicyAlgorithm):
             support_multi_env=True,
             supported_action_spaces=(spaces.Box,),
         )
+        if id_only and self.observation_space is not None and is_image_space(self.observation_space):
+            self.policy_class = CnnPolicy  # TDMPC("dmc/walker-walk-pixels-v0"): the id observes images
         self.horizon = horizon
         self.horizon_warmup_steps = horizon_warmup_steps
         self.rho = rho
