@@ -1,0 +1,396 @@
+"""
+The fast paths (fused layers, fast ELU/tanh, batched Q ensemble, batched targets, cached policy
+trajectories) compute what a plain, straightforward TD-MPC computes: nn.Linear/nn.ELU modules on
+``cat([z, a])``, Q1 and Q2 as two separate networks, the official per-step loss loop, every planner
+iteration re-scoring the policy trajectories. Same outputs, losses, gradients and actions within
+float tolerance, on small shapes.
+
+The ``reference_*`` functions are also what ``benchmarks/speed.py`` counts the FLOP floor on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch as th
+import torch.nn.functional as F
+from gymnasium import spaces
+from torch.utils.flop_counter import FlopCounterMode
+
+from sb3_tdmpc import TDMPC
+from sb3_tdmpc.common.buffers import SequenceSamples
+from sb3_tdmpc.tdmpc.policies import QEnsemble, TDMPCPolicy, WorldModel
+
+SMALL = dict(latent_dim=8, mlp_dim=32, enc_dim=16)
+ATOL = 1e-5
+
+
+# --------------------------------------------------------------------------- plain reference
+
+
+def reference_q(q: QEnsemble, z: th.Tensor, action: th.Tensor) -> list[th.Tensor]:
+    """Each member as its own Linear-LayerNorm-Tanh-Linear-ELU-Linear network on cat([z, a])."""
+    x = th.cat([z, action], dim=-1)
+    values = []
+    for m in range(q.num_q):
+        h = x @ q.weights[0][m] + q.biases[0][m, 0]
+        h = th.tanh(F.layer_norm(h, (q.hidden_dim,), q.norm_weight[m, 0], q.norm_bias[m, 0]))
+        h = F.elu(h @ q.weights[1][m] + q.biases[1][m, 0])
+        values.append(h @ q.weights[2][m] + q.biases[2][m, 0])
+    return values
+
+
+def reference_min_q(q: QEnsemble, z: th.Tensor, action: th.Tensor) -> th.Tensor:
+    q1, q2 = reference_q(q, z, action)
+    return th.min(q1, q2)
+
+
+def reference_next(model: WorldModel, z: th.Tensor, action: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    za = th.cat([z, action], dim=-1)
+    return model.dynamics(za), model.reward(za)
+
+
+def reference_pi(model: WorldModel, z: th.Tensor, std: float, eps: th.Tensor | None = None) -> th.Tensor:
+    """TD-MPC's pi with its TruncatedNormal(clip=0.3) noise; ``eps`` replaces the standard normal draw."""
+    mu = th.tanh(model.pi_net(z))
+    if std <= 0:
+        return mu
+    eps = th.randn_like(mu) if eps is None else eps
+    noisy = mu + (eps * std).clamp(-0.3, 0.3)
+    return noisy + (noisy.clamp(-1 + 1e-6, 1 - 1e-6) - noisy).detach()
+
+
+def reference_plan(
+    policy: TDMPCPolicy, obs: th.Tensor, warm_start: th.Tensor | None = None, explore: bool = False
+) -> tuple[th.Tensor, th.Tensor]:
+    """The official planner loop: every iteration re-estimates all samples and policy trajectories."""
+    model, horizon, num_envs = policy.model, policy.planning_horizon, obs.shape[0]
+    num_samples, num_pi, action_dim = policy.num_samples, policy.num_policy_trajectories, policy.action_dim
+    z = model.encoder(obs)
+    pi_actions = th.empty(horizon, num_envs, num_pi, action_dim)
+    z_pi = z.unsqueeze(1).repeat(1, num_pi, 1)
+    for t in range(horizon):
+        pi_actions[t] = reference_pi(model, z_pi, policy.min_std)
+        z_pi, _ = reference_next(model, z_pi, pi_actions[t])
+    mean = th.zeros(horizon, num_envs, action_dim)
+    if warm_start is not None:
+        shifted = warm_start.transpose(0, 1)[1:horizon]
+        mean[: len(shifted)] = shifted
+    std = th.full_like(mean, policy.max_std)
+    z = z.unsqueeze(1).repeat(1, num_samples + num_pi, 1)
+    for _ in range(policy.planning_iterations):
+        noise = th.randn(horizon, num_envs, num_samples, action_dim)
+        actions = th.cat([(mean.unsqueeze(2) + std.unsqueeze(2) * noise).clamp(-1, 1), pi_actions], dim=2)
+        value, discount, z_t = 0.0, 1.0, z
+        for t in range(horizon):
+            z_t, reward = reference_next(model, z_t, actions[t])
+            value = value + discount * reward
+            discount *= policy.gamma
+        value = value + discount * reference_min_q(model.q, z_t, reference_pi(model, z_t, policy.min_std))
+        value = value.squeeze(-1).nan_to_num(0.0)
+        elite_value, elite_idx = value.topk(policy.num_elites, dim=1)
+        elite_actions = th.stack([actions[:, e, elite_idx[e]] for e in range(num_envs)], dim=1)
+        score = th.softmax(policy.temperature * elite_value, dim=1)[None, :, :, None]
+        new_mean = (score * elite_actions).sum(dim=2)
+        new_std = th.sqrt((score * (elite_actions - new_mean.unsqueeze(2)) ** 2).sum(dim=2))
+        mean = policy.momentum * mean + (1 - policy.momentum) * new_mean
+        std = new_std.clamp(policy.std_floor, policy.max_std)
+    choice = th.multinomial(score[0, :, :, 0], 1)[:, 0]
+    action = elite_actions[0, th.arange(num_envs), choice]
+    if explore:
+        action = (action + std[0] * th.randn_like(action)).clamp(-1, 1)
+    return action, mean.transpose(0, 1)
+
+
+def reference_model_losses(
+    algo: TDMPC, data: SequenceSamples, td_eps: th.Tensor
+) -> tuple[th.Tensor, dict[str, th.Tensor], th.Tensor, th.Tensor]:
+    """
+    The official per-step TOLD loss loop (with this package's masks and terminals, docs/algorithm.md).
+
+    :param td_eps: The standard normal draws of pi's noise in the TD targets ``[H, B, A]``
+    :return: The loss, the per-sequence loss terms, the new priorities and the latents ``z_0..z_H``
+    """
+    model, target, policy = algo.policy.model, algo.policy.target, algo.policy
+    obs, actions, rewards, terminals, masks = data[:5]
+    horizon = actions.shape[0]
+    z = model.encoder(obs[0])
+    latents = [z.detach()]
+    consistency, reward_loss, value_loss, priority = 0.0, 0.0, 0.0, 0.0
+    for t in range(horizon):
+        q1, q2 = reference_q(model.q, z, actions[t])
+        z, reward_pred = reference_next(model, z, actions[t])
+        latents.append(z.detach())
+        with th.no_grad():
+            next_obs = obs[t + 1]
+            next_z = target.encoder(next_obs)
+            z_online = model.encoder(next_obs)
+            next_q = reference_min_q(
+                target.q, z_online, reference_pi(model, z_online, policy.min_std, td_eps[t])
+            )
+            td_target = rewards[t] + algo.gamma * (1 - terminals[t]) * next_q
+        rho = algo.rho**t * masks[t]
+        consistency = consistency + rho * th.mean((z - next_z) ** 2, dim=1, keepdim=True)
+        reward_loss = reward_loss + rho * (reward_pred - rewards[t]) ** 2
+        value_loss = value_loss + rho * ((q1 - td_target) ** 2 + (q2 - td_target) ** 2)
+        priority = priority + rho * ((q1 - td_target).abs() + (q2 - td_target).abs())
+    total = (
+        algo.consistency_coef * consistency.clamp(max=1e4)
+        + algo.reward_coef * reward_loss.clamp(max=1e4)
+        + algo.value_coef * value_loss.clamp(max=1e4)
+    )
+    loss = (total.squeeze(1) * data.weights).mean() / horizon
+    terms = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
+    return loss, terms, priority.clamp(max=1e4).squeeze(-1), th.stack(latents)
+
+
+def reference_pi_loss(algo: TDMPC, latents: th.Tensor, masks: th.Tensor, pi_eps: th.Tensor) -> th.Tensor:
+    """The official policy loss -sum_t rho^t min Q(z_t, pi(z_t)), over valid latents, Q frozen."""
+    model, loss = algo.policy.model, 0.0
+    valid = th.cat([th.ones_like(masks[:1]), masks])
+    model.q.requires_grad_(False)
+    for t, z in enumerate(latents):
+        q = reference_min_q(model.q, z, reference_pi(model, z, algo.policy.min_std, pi_eps[t]))
+        loss = loss - (algo.rho**t * valid[t] * q).mean()
+    model.q.requires_grad_(True)
+    return loss
+
+
+def reference_update(algo: TDMPC, data: SequenceSamples) -> None:
+    """One full reference update (world model step, then policy prior step), for FLOP counting."""
+    policy, horizon = algo.policy, data.actions.shape[0]
+    td_eps = th.randn(horizon, *data.actions.shape[1:])
+    loss, _, _, latents = reference_model_losses(algo, data, td_eps)
+    policy.optimizer.zero_grad()
+    loss.backward()
+    pi_eps = th.randn(horizon + 1, *data.actions.shape[1:])
+    pi_loss = reference_pi_loss(algo, latents, data.masks, pi_eps)
+    policy.pi_optimizer.zero_grad()
+    pi_loss.backward()
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_policy(**kwargs) -> TDMPCPolicy:
+    th.manual_seed(0)
+    policy = TDMPCPolicy(
+        spaces.Box(-1, 1, (6,)), spaces.Box(-1, 1, (3,)), lambda _: 1e-3, **{**SMALL, **kwargs}
+    )
+    randomize(policy)
+    return policy
+
+
+def randomize(policy: TDMPCPolicy) -> None:
+    """Give the zero-initialised layers (reward and Q outputs, biases) values, so that they are tested."""
+    with th.no_grad():
+        for name, p in policy.named_parameters():
+            if p.dim() == 1 or "bias" in name or "norm" in name or p.abs().sum() == 0:
+                p.copy_(th.randn_like(p) * 0.3 + (1.0 if "norm_weight" in name else 0.0))
+        policy.target.load_state_dict({k: v * 0.9 for k, v in policy.target.state_dict().items()})
+
+
+def make_algo() -> TDMPC:
+    algo = TDMPC(
+        "Pendulum-v1", policy_kwargs=SMALL, buffer_size=100, batch_size=16, learning_starts=0, seed=0
+    )
+    randomize(algo.policy)
+    algo.replay_buffer.update_priorities = lambda indices, priorities: setattr(
+        algo, "_priorities", priorities
+    )
+    return algo
+
+
+def make_batch(horizon: int = 3, batch: int = 16, obs_dim: int = 3, action_dim: int = 1) -> SequenceSamples:
+    gen = th.Generator().manual_seed(1)
+    masks = th.ones(horizon, batch, 1)
+    masks[2:, :3] = 0  # episodes that end inside the sequence
+    terminals = th.zeros(horizon, batch, 1)
+    terminals[1, :3] = 1
+    return SequenceSamples(
+        observations=th.randn(horizon + 1, batch, obs_dim, generator=gen),
+        actions=th.rand(horizon, batch, action_dim, generator=gen) * 2 - 1,
+        rewards=th.randn(horizon, batch, 1, generator=gen),
+        terminals=terminals,
+        masks=masks,
+        weights=th.rand(batch, generator=gen) * 0.5 + 0.5,
+        indices=np.arange(batch),
+    )
+
+
+def close(a: th.Tensor, b: th.Tensor, atol: float = ATOL, rtol: float = 1e-4) -> bool:
+    return a.shape == b.shape and th.allclose(a, b, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("batch_shape", [(7,), (3, 5), (2, 4, 6)])
+def test_networks_match_the_plain_modules(batch_shape):
+    policy = make_policy()
+    model = policy.model
+    obs, z, a = th.randn(*batch_shape, 6), th.randn(*batch_shape, 8), th.rand(*batch_shape, 3) * 2 - 1
+    for grad in (False, True):
+        with th.set_grad_enabled(grad):
+            assert close(model.encode(obs), model.encoder(obs))
+            assert close(policy.target_encode(obs), policy.target.encoder(obs))
+            fast, ref = model.next(z, a), reference_next(model, z, a)
+            assert close(fast[0], ref[0]) and close(fast[1], ref[1])
+            assert close(model.next_latent(z, a), ref[0]) and close(model.predict_reward(z, a), ref[1])
+            assert close(model.pi(z), reference_pi(model, z, 0.0))
+            assert close(model.q(z, a), th.stack(reference_q(model.q, z, a)))
+
+
+def gradients(loss: th.Tensor, tensors: list[th.Tensor]) -> list[th.Tensor]:
+    return list(th.autograd.grad(loss, tensors, allow_unused=True))
+
+
+def test_gradients_match_the_plain_modules():
+    policy = make_policy()
+    model = policy.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    z = th.randn(4, 5, 8, requires_grad=True)
+    a = (th.rand(4, 5, 3) * 2 - 1).requires_grad_(True)
+    obs = th.randn(4, 5, 6, requires_grad=True)
+    weights = th.randn(4, 5, 1)
+
+    def objective(enc, nxt, pi, q):
+        z1, r = nxt(z, a)
+        return (
+            (weights * (enc(obs).sum(-1, keepdim=True) + z1.sum(-1, keepdim=True) + r)).sum()
+            + (weights * pi(z).sum(-1, keepdim=True)).sum()
+            + (q(z, a) * weights).sum()
+        )
+
+    fast = objective(model.encode, model.next, model.pi, model.q)
+    ref = objective(
+        model.encoder, lambda z, a: reference_next(model, z, a), lambda z: reference_pi(model, z, 0.0),
+        lambda z, a: th.stack(reference_q(model.q, z, a)),
+    )  # fmt: skip
+    assert close(fast, ref)
+    for g_fast, g_ref in zip(
+        gradients(fast, [obs, z, a, *params]), gradients(ref, [obs, z, a, *params]), strict=True
+    ):
+        assert close(g_fast, g_ref, atol=1e-4)
+    # The policy update's path: gradient through the action only (z detached, Q frozen).
+    model.q.requires_grad_(False)
+    a_fast = gradients(model.q(z.detach(), a).sum(), [a])[0]
+    a_ref = gradients(th.stack(reference_q(model.q, z.detach(), a)).sum(), [a])[0]
+    assert close(a_fast, a_ref)
+
+
+def capture_gradients(optimizer: th.optim.Optimizer) -> list[th.Tensor]:
+    """Snapshot the (clipped) gradients each time ``optimizer.step`` runs."""
+    captured: list[th.Tensor] = []
+    step = optimizer.step
+
+    def capturing_step(*args, **kwargs):
+        captured[:] = [p.grad.clone() for group in optimizer.param_groups for p in group["params"]]
+        return step(*args, **kwargs)
+
+    optimizer.step = capturing_step
+    return captured
+
+
+def test_world_model_update_matches_the_official_loss_loop():
+    algo = make_algo()
+    data = make_batch()
+    policy = algo.policy
+    params = [p for group in policy.optimizer.param_groups for p in group["params"]]
+    grads = capture_gradients(policy.optimizer)
+    before = [p.detach().clone() for p in params]
+
+    # The fast path draws pi's noise in the TD targets as one [H, B, A] block: the reference uses that draw.
+    th.manual_seed(5)
+    td_eps = th.randn(*data.actions.shape)
+    th.manual_seed(5)
+    stats, latents = algo._update_world_model(data)
+
+    with th.no_grad():
+        for p, b in zip(params, before, strict=True):
+            p.copy_(b)
+    loss, terms, priorities, ref_latents = reference_model_losses(algo, data, td_eps)
+    policy.optimizer.zero_grad()
+    loss.backward()
+    th.nn.utils.clip_grad_norm_(params, algo.max_grad_norm)
+
+    assert close(stats["loss"], loss.detach())
+    for key, value in terms.items():
+        assert close(stats[key], value.detach().mean()), key
+    assert close(th.as_tensor(algo._priorities).reshape(-1), priorities.detach())
+    assert close(latents, ref_latents)
+    assert len(grads) == len(params)
+    for g_fast, p in zip(grads, params, strict=True):
+        assert close(g_fast, p.grad, atol=1e-4)
+
+
+def test_policy_prior_update_matches_the_official_loss_loop():
+    algo = make_algo()
+    data = make_batch()
+    latents = th.randn(data.actions.shape[0] + 1, 16, 8)
+    pi_params = list(algo.policy.model.pi_net.parameters())
+    grads = capture_gradients(algo.policy.pi_optimizer)
+    before = [p.detach().clone() for p in pi_params]
+
+    th.manual_seed(7)
+    pi_eps = th.randn(*latents.shape[:2], 1)
+    th.manual_seed(7)
+    pi_loss = algo._update_policy_prior(latents, data.masks)
+
+    with th.no_grad():
+        for p, b in zip(pi_params, before, strict=True):
+            p.copy_(b)
+    ref = reference_pi_loss(algo, latents, data.masks, pi_eps)
+    algo.policy.pi_optimizer.zero_grad()
+    ref.backward()
+    th.nn.utils.clip_grad_norm_(pi_params, algo.max_grad_norm)
+    assert close(pi_loss, ref.detach())
+    for g_fast, p in zip(grads, pi_params, strict=True):
+        assert close(g_fast, p.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("horizon, num_envs, warm", [(3, 2, True), (1, 1, False), (4, 3, False)])
+def test_planner_matches_the_official_loop(horizon, num_envs, warm):
+    """Same seed, same random draws in the same order: same actions and plan means."""
+    policy = make_policy(num_samples=40, num_elites=6, planning_iterations=3, policy_fraction=0.1)
+    policy.planning_horizon, policy.std_floor = horizon, 0.1
+    obs = th.randn(num_envs, 6)
+    warm_start = (th.rand(num_envs, 5, 3) * 2 - 1) if warm else None
+    for explore in (False, True):
+        with th.no_grad():
+            th.manual_seed(11)
+            action, mean = policy.plan(obs, warm_start, explore)
+            th.manual_seed(11)
+            ref_action, ref_mean = reference_plan(policy, obs, warm_start, explore)
+        assert close(action, ref_action) and close(mean, ref_mean)
+
+
+def test_planner_value_estimates_match():
+    """The planner's returns: the fast rollout (first layer shared at t = 0) against a per-step loop."""
+    policy = make_policy()
+    z = th.randn(2, 8)
+    actions = th.rand(4, 2, 9, 3) * 2 - 1
+    with th.no_grad():
+        value, z_end = policy.model.rollout_return(z, actions, policy.gamma)
+        ref_value, ref_z = 0.0, z.unsqueeze(1).expand(2, 9, 8)
+        for t in range(4):
+            ref_z, reward = reference_next(policy.model, ref_z, actions[t])
+            ref_value = ref_value + policy.gamma**t * reward
+    assert close(value, ref_value) and close(z_end, ref_z)
+
+
+def test_reference_flop_counts_are_the_issues():
+    """The plain reference costs 25.35 GFLOP per plan and 35.29 GFLOP per update at the paper settings."""
+    algo = TDMPC("reach-v3", buffer_size=100, batch_size=512, learning_starts=0, seed=0)
+    policy = algo.policy
+    policy.planning_horizon = 5
+    data = SequenceSamples(
+        th.randn(6, 512, 39), th.rand(5, 512, 4) * 2 - 1, th.randn(5, 512, 1), th.zeros(5, 512, 1),
+        th.ones(5, 512, 1), th.ones(512), np.arange(512),
+    )  # fmt: skip
+    with FlopCounterMode(display=False) as plan_flops, th.no_grad():
+        reference_plan(policy, th.randn(1, 39))
+    with FlopCounterMode(display=False) as update_flops:
+        reference_update(algo, data)
+    assert plan_flops.get_total_flops() == 25_348_300_288
+    assert update_flops.get_total_flops() == 35_289_825_280
