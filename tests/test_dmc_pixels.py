@@ -9,6 +9,7 @@ import pytest
 import torch as th
 from conftest import TINY
 from gymnasium import spaces
+from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 import sb3_tdmpc  # noqa: F401  (registers the ids)
@@ -205,6 +206,16 @@ def test_policy_and_observation_space_mismatch():
         gym.register("TestImageEnv-v0", entry_point=ImageEnv)
     assert type(TDMPC("TestImageEnv-v0", **TINY).policy) is CnnPolicy
     assert type(TDMPC("Pendulum-v1", **TINY).policy) is MlpPolicy
+
+
+def test_cnn_policy_trains_on_several_image_envs():
+    # No renderer needed: random frames, two envs planned in one batch.
+    env = make_vec_env(ImageEnv, n_envs=2, seed=0)
+    model = TDMPC("CnnPolicy", env, seed=0, **{**TINY_PIXELS, "learning_starts": 40, "train_freq": 20})
+    model.learn(100)
+    assert model._n_updates > 0 and model.replay_buffer.observations.dtype == np.uint8
+    actions, (plan_means,) = model.predict(env.reset(), deterministic=True)
+    assert actions.shape == (2, 2) and plan_means.shape[0] == 2
 
 
 def test_pixel_env_trains_with_cnn_policy(renderer, tmp_path):
