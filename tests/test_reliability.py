@@ -60,18 +60,18 @@ def scramble_global_rngs() -> None:
 # --------------------------------------------------------------------------- 1. resume exactly
 
 
-@pytest.mark.parametrize(("env_id", "episode"), [("Pendulum-v1", 200), ("reach-v3", 250)])
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, env_id, episode):
+@pytest.mark.parametrize(("env_id", "n_envs", "episode"), [("Pendulum-v1", 2, 200), ("reach-v3", 1, 250)])
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, env_id, n_envs, episode):
     """N steps, save (model + buffer), load in fresh objects, M more steps == N + M steps, bitwise."""
-    n, m = episode, 60
+    n, m = episode * n_envs, 60
     kwargs = dict(**{**TINY, "learning_starts": n - 50}, seed=0)
 
     def make_env():
-        return make_vec_env(env_id, n_envs=1, seed=0)
+        return make_vec_env(env_id, n_envs=n_envs, seed=0)
 
     # The uninterrupted run; its CheckpointCallback writes a checkpoint at step N on the way.
     uninterrupted = TDMPC("MlpPolicy", make_env(), **kwargs)
-    callback = CheckpointCallback(n, str(tmp_path / "callback"), save_replay_buffer=True)
+    callback = CheckpointCallback(n // n_envs, str(tmp_path / "callback"), save_replay_buffer=True)
     uninterrupted.learn(n + m, callback=callback)
 
     # N steps, save, load in new objects with a new env, M more steps.
@@ -456,3 +456,44 @@ def test_non_finite_rewards_and_observations_are_reported_not_stored():
         assert rb.tree.get(step - 1) == 0.0  # the placeholder is never a sequence start
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
     assert model._n_updates > 20  # training went on
+
+
+# --------------------------------------------------------------------------- the zoo's files
+
+
+def run_zoo_train(*args):
+    command = [sys.executable, "-m", "sb3_tdmpc.zoo", "train", "--algo", "tdmpc", "--env", "reach-v3", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+ZOO_PARAMS = [
+    "-params",
+    "policy_kwargs:dict(latent_dim=8,mlp_dim=32,enc_dim=16)",
+    "num_samples:32",
+    "num_elites:4",
+    "planning_iterations:2",
+    "horizon:3",
+    "learning_starts:200",
+    "seed_updates:5",
+    "batch_size:16",
+    "buffer_size:2000",
+]
+
+
+def test_zoo_save_replay_buffer_files_resume_exactly_and_continue_with_trained_agent(tmp_path):
+    common = ["--seed", "1", "--num-threads", "1", "--eval-freq", "-1", "-f", str(tmp_path)]
+    run_zoo_train("-n", "250", "--save-replay-buffer", *common, *ZOO_PARAMS)  # one reach-v3 episode
+    run = tmp_path / "tdmpc" / "reach-v3_1"
+    # The zoo's files hold the whole run state: the Python API continues the run exactly from them
+    # (the environment replays the reset of the episode the run stopped at; the buffer matches).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResumeWarning)
+        model = TDMPC.load(run / "reach-v3.zip", env=make_vec_env("reach-v3", n_envs=1))
+        model.load_replay_buffer(run / "replay_buffer.pkl")
+        model.learn(10, reset_num_timesteps=False)
+    assert model.num_timesteps == 260
+    # The zoo's own -i loads them and trains on (restarting its step count: docs/reliability.md).
+    result = run_zoo_train("-i", str(run / "reach-v3.zip"), "-n", "20", *common, *ZOO_PARAMS)
+    assert "Loading replay buffer" in result.stdout

@@ -39,6 +39,24 @@ from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy
 SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
 
 
+def _finite_rows(values: np.ndarray | dict[str, np.ndarray], n_envs: int) -> np.ndarray:
+    """Per environment (first axis): whether every entry is finite (integer data always is)."""
+    if isinstance(values, dict):
+        return np.logical_and.reduce([_finite_rows(v, n_envs) for v in values.values()])
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.inexact):
+        return np.ones(n_envs, dtype=bool)
+    return np.isfinite(values.reshape(n_envs, -1)).all(axis=1)
+
+
+def _all_finite(values: np.ndarray | dict[str, np.ndarray] | None) -> bool:
+    """Whether every entry of an array (or of each array of a dict) is finite."""
+    if isinstance(values, dict):
+        return all(_all_finite(v) for v in values.values())
+    values = np.asarray(values)
+    return not np.issubdtype(values.dtype, np.inexact) or bool(np.isfinite(values).all())
+
+
 def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
     """Value at ``step`` of a linear ramp from ``start`` to ``end`` over ``duration`` steps."""
     return LinearSchedule(start, end, end_fraction=1.0)(1.0 - step / max(duration, 1))
@@ -322,19 +340,20 @@ class TDMPC(OffPolicyAlgorithm):
                 self._vec_normalize_env.get_original_obs(),
                 self._vec_normalize_env.get_original_reward(),
             )
-        new_obs, reward = np.asarray(new_obs), np.asarray(reward)
         terminal = [
             i for i, done in enumerate(dones) if done and infos[i].get("terminal_observation") is not None
         ]
-        finite = bool(np.isfinite(reward).all() and np.isfinite(new_obs).all())
-        finite = finite and all(np.isfinite(infos[i]["terminal_observation"]).all() for i in terminal)
-        if finite:
+        if (
+            _all_finite(reward)
+            and _all_finite(new_obs)
+            and all(_all_finite(infos[i]["terminal_observation"]) for i in terminal)
+        ):
             return None
-        obs_ok = np.isfinite(new_obs.reshape(len(new_obs), -1)).all(axis=1)
+        obs_ok = _finite_rows(new_obs, len(dones))
         next_ok = obs_ok.copy()
         for i in terminal:
-            next_ok[i] = bool(np.isfinite(infos[i]["terminal_observation"]).all())
-        bad_transition = ~(np.isfinite(reward.reshape(len(reward), -1)).all(axis=1) & next_ok)
+            next_ok[i] = _all_finite(infos[i]["terminal_observation"])
+        bad_transition = ~(_finite_rows(reward, len(dones)) & next_ok)
         return bad_transition, ~obs_ok
 
     def _drop_nonfinite(
@@ -352,11 +371,11 @@ class TDMPC(OffPolicyAlgorithm):
         by a finite placeholder that no loss ever reads (its episode is closed as a time-out at the
         transition before, and it gets zero priority); an env whose next observation is bad is reset.
         """
-        if self._vec_normalize_env is not None:
+        if self._vec_normalize_env is not None or isinstance(new_obs, dict):
             raise FloatingPointError(
                 f"Environment(s) {np.flatnonzero(bad_transition | bad_next_obs).tolist()} returned a "
-                f"non-finite reward or observation at step {self.num_timesteps}; with VecNormalize, its "
-                "running statistics are already corrupted, so training stops here."
+                f"non-finite reward or observation at step {self.num_timesteps}; with VecNormalize (whose "
+                "running statistics absorbed it) or Dict observations, training stops here."
             )
         new_obs, reward, dones = (
             np.array(new_obs, copy=True),
@@ -395,7 +414,7 @@ class TDMPC(OffPolicyAlgorithm):
                     states = checkpoint.env_rng_states(self.env)
                     self._episode_rng[i] = None if states is None else states[i]
                 obs, _ = self.env.env_method("reset", indices=[i])[0]
-                if not np.isfinite(obs).all():
+                if not _all_finite(obs):
                     raise FloatingPointError(
                         f"Environment {i} returned a non-finite observation at reset "
                         f"(step {self.num_timesteps})"
@@ -686,7 +705,7 @@ class TDMPC(OffPolicyAlgorithm):
         result = super()._setup_learn(
             total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar
         )
-        if not np.all(np.isfinite(self._last_obs)):  # type: ignore[arg-type]
+        if not _all_finite(self._last_obs):
             raise FloatingPointError("The environments returned non-finite observations at reset")
         if rng is not None:
             checkpoint.set_global_rng_state(rng["global"])
