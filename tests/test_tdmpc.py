@@ -236,29 +236,29 @@ def random_return(env_id, episodes, seed=0):
 
 @pytest.mark.slow
 def test_learns_pendulum():
-    """A small TD-MPC learns Pendulum-v1 on two cores in a few minutes.
+    """A small TD-MPC (the CPU preset's sizes) learns Pendulum-v1 in 2.5k steps, about 1.5 CPU-minutes.
 
-    A random policy averages about -1200 here; the learned one must reach > -600.
+    A random policy averages about -1200 here; seeds 0 and 1 reached -164 and -157 when this was
+    written; the test asks for > -600.
     """
-    th.set_num_threads(2)
     random_mean = random_return("Pendulum-v1", episodes=5)
     assert random_mean < -1000
     model = TDMPC(
         "Pendulum-v1",
         seed=0,
-        learning_starts=1000,
-        seed_updates=500,
-        batch_size=256,
+        learning_starts=500,
+        seed_updates=250,
+        batch_size=128,
         buffer_size=10_000,
-        num_samples=256,
-        num_elites=32,
-        planning_iterations=4,
-        horizon_warmup_steps=1000,
-        exploration_decay_steps=2000,
-        policy_kwargs=dict(latent_dim=32, mlp_dim=128, enc_dim=64),
+        num_samples=128,
+        num_elites=16,
+        planning_iterations=3,
+        horizon_warmup_steps=500,
+        exploration_decay_steps=1500,
+        policy_kwargs=dict(latent_dim=16, mlp_dim=64, enc_dim=64),
     )
-    model.learn(3000)
+    model.learn(2500)
     eval_env = make_vec_env("Pendulum-v1", n_envs=1, seed=123)
     mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=5)
-    print(f"random {random_mean:.0f}, TD-MPC after 3k steps {mean_return:.0f}")
+    print(f"random {random_mean:.0f}, TD-MPC after 2.5k steps {mean_return:.0f}")
     assert mean_return > -600
