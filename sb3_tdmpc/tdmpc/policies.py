@@ -316,7 +316,8 @@ class WorldModel(nn.Module):
         batch_shape = za.shape[:-1]
         weight, bias = self._fused_first_layer()
         z, r = self._next_from_hidden(F.linear(za.reshape(-1, za.shape[-1]), weight, bias))
-        return z.reshape(*batch_shape, -1), r.reshape(*batch_shape, -1)
+        # Explicit sizes: -1 is ambiguous for an empty batch (no policy trajectories, num_samples < 20).
+        return z.reshape(*batch_shape, z.shape[-1]), r.reshape(*batch_shape, r.shape[-1])
 
     def rollout_return(self, z: th.Tensor, actions: th.Tensor, gamma: float) -> tuple[th.Tensor, th.Tensor]:
         """
