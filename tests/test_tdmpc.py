@@ -238,7 +238,7 @@ def random_return(env_id, episodes, seed=0):
 def test_learns_pendulum():
     """A small TD-MPC (the CPU preset's sizes) learns Pendulum-v1 in 2.5k steps, about 1.5 CPU-minutes.
 
-    A random policy averages about -1200 here; seeds 0 and 1 reached -164 and -157 when this was
+    A random policy averages about -1200 here; seeds 0 and 1 reached about -160 when this was
     written; the test asks for > -600.
     """
     random_mean = random_return("Pendulum-v1", episodes=5)
