@@ -8,6 +8,7 @@ policy unscales them to the environment's bounds (``squash_output=True``).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,12 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
 
 
 class _ELU(th.autograd.Function):
+    """ELU over a fresh intermediate, in place (no saved tensor reads it), ATen's backward."""
+
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        out = x.clamp(min=0.0).add_(x.clamp(max=0.0).exp_().sub_(1.0))
+        ctx.mark_dirty(x)
+        out = _elu_inplace(x)
         ctx.save_for_backward(out)
         return out
 
@@ -57,9 +61,12 @@ class _ELU(th.autograd.Function):
 
 
 class _Tanh(th.autograd.Function):
+    """tanh over a fresh intermediate, in place (no saved tensor reads it), ATen's backward."""
+
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        out = th.sigmoid(x * 2.0).mul_(2.0).sub_(1.0)
+        ctx.mark_dirty(x)
+        out = x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
         ctx.save_for_backward(out)
         return out
 
@@ -69,17 +76,22 @@ class _Tanh(th.autograd.Function):
         return th.ops.aten.tanh_backward(grad, out)
 
 
+def _elu_inplace(x: th.Tensor) -> th.Tensor:
+    # exp(x) - 1 >= x everywhere, so ELU(x) = max(x, exp(min(x, 0)) - 1); in place: the data stays in cache
+    return th.maximum(x, x.clamp(max=0.0).exp_().sub_(1.0), out=x)
+
+
 def elu_(x: th.Tensor) -> th.Tensor:
-    """ELU (alpha 1) of a fresh intermediate ``x``, which it may overwrite (no-grad CPU)."""
+    """ELU (alpha 1) of a fresh intermediate ``x`` (the output of a linear layer), which it overwrites."""
     if x.device.type != "cpu":
         return F.elu(x)
     if x.requires_grad and th.is_grad_enabled():
         return _ELU.apply(x)
-    return x.clamp(max=0.0).exp_().sub_(1.0).add_(x.clamp_(min=0.0))
+    return _elu_inplace(x)
 
 
 def tanh_(x: th.Tensor) -> th.Tensor:
-    """tanh of a fresh intermediate ``x``, which it may overwrite (no-grad CPU)."""
+    """tanh of a fresh intermediate ``x``, which it overwrites."""
     if x.device.type != "cpu":
         return th.tanh(x)
     if x.requires_grad and th.is_grad_enabled():
@@ -172,8 +184,8 @@ class RandomShift(nn.Module):
 
 class QEnsemble(nn.Module):
     """
-    ``num_q`` action-value functions, each Linear-LayerNorm-Tanh-Linear-ELU-Linear, evaluated as one
-    batched matmul chain (``baddbmm``) rather than ``num_q`` separate networks.
+    ``num_q`` action-value functions, each Linear-LayerNorm-Tanh-Linear-ELU-Linear, with their
+    weights stacked in ``[num_q, in, out]`` parameters.
 
     :param in_dim: Size of the input (latent + action)
     :param hidden_dim: Width of the hidden layers
@@ -208,31 +220,34 @@ class QEnsemble(nn.Module):
         :param action: Actions ``[..., action_dim]``
         :return: Q-values ``[num_q, ..., 1]``
         """
-        num_q, hidden = self.num_q, self.hidden_dim
         (w1, w2, w3), (b1, b2, b3) = self.weights, self.biases
         batch_shape = th.broadcast_shapes(z.shape[:-1], action.shape[:-1])
-        z = z.expand(*batch_shape, z.shape[-1]).reshape(-1, z.shape[-1])
+        latent_dim = z.shape[-1]
+        z = z.expand(*batch_shape, latent_dim).reshape(-1, latent_dim)
         action = action.expand(*batch_shape, action.shape[-1]).reshape(-1, action.shape[-1])
-        # First layer of all members as one matmul: [in, Q * hidden], member-major columns.
-        w1 = w1.transpose(0, 1).reshape(w1.shape[1], num_q * hidden)
-        b1 = b1.reshape(num_q * hidden)
-        if th.is_grad_enabled() and action.requires_grad and not z.requires_grad:
-            # The policy update: W_z z + W_a a, so that no gradient is computed for the detached z.
-            x = th.addmm(th.addmm(b1, action, w1[z.shape[-1] :]), z, w1[: z.shape[-1]])
-        else:
-            x = th.addmm(b1, th.cat([z, action], dim=-1), w1)
-        # LayerNorm over each member's slice, then its affine and tanh: [N, Q, hidden].
-        x = F.layer_norm(x.view(-1, num_q, hidden), (hidden,))
-        weight, bias = self.norm_weight.transpose(0, 1), self.norm_bias.transpose(0, 1)
-        if x.device.type == "cpu" and not (x.requires_grad and th.is_grad_enabled()):
-            # tanh(w x + b) = 2 sigmoid(2w x + 2b) - 1; scaling by 2 is exact
-            x = th.addcmul(bias * 2.0, x, weight * 2.0).sigmoid_().mul_(2.0).sub_(1.0)
-        else:
-            x = tanh_(th.addcmul(bias, x, weight))
-        x = elu_(th.baddbmm(b2, x.transpose(0, 1), w2))  # [Q, N, hidden]
-        # A [N, hidden] x [hidden, 1] product per member: matrix-vector (a bmm with N=1 is 10x slower).
-        x = th.stack([th.addmv(b3[q, 0], x[q], w3[q, :, 0]) for q in range(num_q)])
-        return x.reshape(num_q, *batch_shape, 1)
+        grad = th.is_grad_enabled()
+        # The policy update: W_z z + W_a a, so that no gradient is computed for the detached z.
+        split = grad and action.requires_grad and not z.requires_grad
+        x = None if split else th.cat([z, action], dim=-1)
+        # Member by member: on CPU two [N, hidden] matmul chains run faster than one batched (bmm)
+        # chain, most of all backward (docs/performance.md).
+        values = []
+        for q in range(self.num_q):
+            if split:
+                h = th.addmm(th.addmm(b1[q, 0], action, w1[q, latent_dim:]), z, w1[q, :latent_dim])
+            else:
+                h = th.addmm(b1[q, 0], x, w1[q])
+            norm_weight, norm_bias = self.norm_weight[q, 0], self.norm_bias[q, 0]
+            if h.device.type == "cpu" and not (grad and h.requires_grad):
+                # tanh(y) = 2 sigmoid(2y) - 1, with the (exact) factor 2 in the LayerNorm's affine
+                h = F.layer_norm(h, (self.hidden_dim,), norm_weight * 2.0, norm_bias * 2.0)
+                h = h.sigmoid_().mul_(2.0).sub_(1.0)
+            else:
+                h = tanh_(F.layer_norm(h, (self.hidden_dim,), norm_weight, norm_bias))
+            h = elu_(th.addmm(b2[q, 0], h, w2[q]))
+            # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
+            values.append(th.addmv(b3[q, 0], h, w3[q, :, 0]))
+        return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
 
 class WorldModel(nn.Module):
@@ -389,6 +404,9 @@ class TDMPCPolicy(BasePolicy):
     :param max_std: Initial standard deviation of the planner's Gaussian
     :param optimizer_class: Optimizer of the world model and of the policy prior
     :param optimizer_kwargs: Extra arguments for the optimizer
+    :param torch_compile: Run the planner iteration and the update losses through ``torch.compile``
+        (opt-in: compiling takes minutes and recompiles for each planning horizon; see
+        docs/performance.md for what it gains on CPU)
     """
 
     def __init__(
@@ -412,6 +430,7 @@ class TDMPCPolicy(BasePolicy):
         max_std: float = 2.0,
         optimizer_class: type[th.optim.Optimizer] = th.optim.Adam,
         optimizer_kwargs: dict[str, Any] | None = None,
+        torch_compile: bool = False,
     ) -> None:
         super().__init__(
             observation_space,
@@ -439,6 +458,8 @@ class TDMPCPolicy(BasePolicy):
         # Scheduled by the algorithm from its step count; these are the values at step 0.
         self.planning_horizon = 1
         self.std_floor = 0.5
+        self.torch_compile = torch_compile
+        self._compiled: dict[str, Callable[..., Any]] = {}
 
         self.action_dim = int(np.prod(action_space.shape))
         self.model = WorldModel(
@@ -486,6 +507,7 @@ class TDMPCPolicy(BasePolicy):
             max_std=self.max_std,
             optimizer_class=self.optimizer_class,
             optimizer_kwargs=self.optimizer_kwargs,
+            torch_compile=self.torch_compile,
         )
         return data
 
@@ -507,6 +529,14 @@ class TDMPCPolicy(BasePolicy):
     def augment(self, obs: th.Tensor) -> th.Tensor:
         """Data augmentation of sampled observations in the model update (identity for states)."""
         return obs
+
+    def compiled(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn``, or with ``torch_compile`` its ``torch.compile`` (static shapes, eager's random draws)."""
+        if not self.torch_compile:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = th.compile(fn, dynamic=False, options={"fallback_random": True})
+        return self._compiled[name]
 
     def target_encode(self, obs: th.Tensor) -> th.Tensor:
         """z = h_target(s), the consistency targets"""
@@ -560,8 +590,7 @@ class TDMPCPolicy(BasePolicy):
         :return: Actions in [-1, 1] ``[E, A]`` and this step's plan means ``[E, H, A]``
         """
         horizon, num_envs, action_dim = self.planning_horizon, obs.shape[0], self.action_dim
-        num_samples, num_pi, num_elites = self.num_samples, self.num_policy_trajectories, self.num_elites
-        model = self.model
+        num_pi, model = self.num_policy_trajectories, self.model
         z = model.encode(obs)
 
         # Trajectories of the policy prior, rolled out once: their actions, discounted rewards and
@@ -582,24 +611,12 @@ class TDMPCPolicy(BasePolicy):
             mean[: len(shifted)] = shifted
         std = th.full_like(mean, self.max_std)
 
+        std_floor = th.tensor(self.std_floor, device=z.device)  # a tensor: no recompiles as it decays
+        iteration = self.compiled("plan_iteration", self._plan_iteration)
         for _ in range(self.planning_iterations):
-            noise = th.randn(horizon, num_envs, num_samples, action_dim, device=obs.device)
-            actions = (mean.unsqueeze(2) + std.unsqueeze(2) * noise).clamp(-1, 1)
-            # G = sum_t gamma^t R(z_t, a_t) + gamma^H min Q(z_H, pi(z_H)): samples, then policy trajectories
-            value, z_end = self._rollout_return(z, actions)
-            value, z_end = th.cat([value, pi_value], dim=1), th.cat([z_end, z_pi], dim=1)
-            value = value + discount * model.q(z_end, model.pi(z_end, self.min_std)).min(dim=0).values
-            value = value.squeeze(-1).nan_to_num(0.0)
-            actions = th.cat([actions, pi_actions], dim=2)
-
-            elite_value, elite_idx = value.topk(num_elites, dim=1)
-            elite_actions = actions.gather(2, elite_idx[None, :, :, None].expand(horizon, -1, -1, action_dim))
-            # score_i ~ exp(temperature * G_i), normalised over the elites
-            score = th.softmax(self.temperature * elite_value, dim=1)[None, :, :, None]
-            new_mean = (score * elite_actions).sum(dim=2)
-            new_std = (score * (elite_actions - new_mean.unsqueeze(2)) ** 2).sum(dim=2).sqrt()
-            mean = self.momentum * mean + (1 - self.momentum) * new_mean
-            std = new_std.clamp(self.std_floor, self.max_std)
+            mean, std, score, elite_actions = iteration(
+                z, mean, std, std_floor, pi_actions, pi_value, z_pi, discount
+            )
 
         # Act with one elite sequence drawn by score, as TD-MPC does.
         choice = th.multinomial(score[0, :, :, 0], 1)
@@ -607,6 +624,38 @@ class TDMPCPolicy(BasePolicy):
         if explore:
             action = (action + std[0] * th.randn_like(action)).clamp(-1, 1)
         return action, mean.transpose(0, 1)
+
+    def _plan_iteration(
+        self,
+        z: th.Tensor,
+        mean: th.Tensor,
+        std: th.Tensor,
+        std_floor: th.Tensor,
+        pi_actions: th.Tensor,
+        pi_value: th.Tensor,
+        z_pi: th.Tensor,
+        discount: float,
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        """One MPPI iteration: sample, score, refit. :return: mean, std, elite scores, elite actions"""
+        horizon, num_envs, action_dim = mean.shape
+        noise = th.randn(horizon, num_envs, self.num_samples, action_dim, device=z.device)
+        actions = (mean.unsqueeze(2) + std.unsqueeze(2) * noise).clamp(-1, 1)
+        # G = sum_t gamma^t R(z_t, a_t) + gamma^H min Q(z_H, pi(z_H)): samples, then policy trajectories
+        value, z_end = self._rollout_return(z, actions)
+        value, z_end = th.cat([value, pi_value], dim=1), th.cat([z_end, z_pi], dim=1)
+        value = value + discount * self.model.q(z_end, self.model.pi(z_end, self.min_std)).min(dim=0).values
+        value = value.squeeze(-1).nan_to_num(0.0)
+        actions = th.cat([actions, pi_actions], dim=2)
+
+        elite_value, elite_idx = value.topk(self.num_elites, dim=1)
+        elite_actions = actions.gather(2, elite_idx[None, :, :, None].expand(horizon, -1, -1, action_dim))
+        # score_i ~ exp(temperature * G_i), normalised over the elites
+        score = th.softmax(self.temperature * elite_value, dim=1)[None, :, :, None]
+        new_mean = (score * elite_actions).sum(dim=2)
+        new_std = (score * (elite_actions - new_mean.unsqueeze(2)) ** 2).sum(dim=2).sqrt()
+        mean = self.momentum * mean + (1 - self.momentum) * new_mean
+        std = new_std.clamp(min=std_floor).clamp(max=self.max_std)
+        return mean, std, score, elite_actions
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         actions, _ = self.plan(observation, explore=not deterministic)  # type: ignore[arg-type]

@@ -455,55 +455,16 @@ class TDMPC(OffPolicyAlgorithm):
 
     def _update_world_model(self, data: SequenceSamples) -> tuple[dict[str, th.Tensor], th.Tensor]:
         """
-        One gradient step on the TOLD losses over H-step sequences, each weighted by rho^t:
-        latent consistency ||d(z_t, a_t) - h_target(s_{t+1})||^2, reward (R(z_t, a_t) - r_t)^2 and
-        TD value sum_Q (Q(z_t, a_t) - y_t)^2 with y_t = r_t + gamma (1 - done_t) min Q_target(z'_t, pi(z'_t)).
+        One gradient step on the TOLD losses (``_world_model_loss``), then the new priorities.
 
         :return: The loss statistics and the detached latent rollout ``[H+1, B, latent_dim]``
         """
-        model, target, policy = self.policy.model, self.policy.target, self.policy
-        obs, actions, rewards, terminals, masks = (
-            data.observations,
-            data.actions,
-            data.rewards,
-            data.terminals,
-            data.masks,
+        policy = self.policy
+        obs = policy.augment(data.observations)  # CnnPolicy: random shift (float32); identity for states
+        loss_fn = policy.compiled("world_model_loss", self._world_model_loss)
+        loss, (consistency_loss, reward_loss, value_loss), priorities, td_error, z_rollout = loss_fn(
+            obs, data.actions, data.rewards, data.terminals, data.masks, data.weights
         )
-        horizon = actions.shape[0]
-        obs = policy.augment(obs)  # CnnPolicy: random shift (float32); identity for states
-
-        with th.no_grad():
-            # TD-MPC bootstraps from the online encoder and policy, and the target Q.
-            next_z = model.encode(obs[1:])
-            next_q = target.q(next_z, model.pi(next_z, policy.min_std)).min(dim=0).values
-            td_target = rewards + self.gamma * (1.0 - terminals) * next_q
-            consistency_target = target.encoder(obs[1:])
-
-        z = model.encode(obs[0])
-        latents = [z]
-        for t in range(horizon):
-            z = model.dynamics(th.cat([z, actions[t]], dim=-1))
-            latents.append(z)
-        z_rollout = th.stack(latents)
-        z_pred, z_start = z_rollout[1:], z_rollout[:-1]
-        reward_pred = model.reward(th.cat([z_start, actions], dim=-1))
-        q_pred = model.q(z_start, actions)
-
-        # rho^t, zero for steps past the end of the start's episode.
-        weight_t = self.rho ** th.arange(horizon, device=obs.device, dtype=obs.dtype).view(-1, 1, 1) * masks
-        td_error = q_pred - td_target
-        consistency_loss = (weight_t * (z_pred - consistency_target).pow(2).mean(dim=-1, keepdim=True)).sum(0)
-        reward_loss = (weight_t * (reward_pred - rewards).pow(2)).sum(0)
-        value_loss = (weight_t * td_error.pow(2).sum(0)).sum(0)
-        priorities = (weight_t * td_error.abs().sum(0)).sum(0)
-
-        total_loss = (
-            self.consistency_coef * consistency_loss.clamp(max=1e4)
-            + self.reward_coef * reward_loss.clamp(max=1e4)
-            + self.value_coef * value_loss.clamp(max=1e4)
-        ).squeeze(-1)
-        # TD-MPC scales the gradient by 1/H.
-        loss = (total_loss * data.weights).mean() / horizon
 
         policy.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -512,18 +473,78 @@ class TDMPC(OffPolicyAlgorithm):
         )
         self._check_finite(grad_norm, consistency_loss, reward_loss, value_loss)
         policy.optimizer.step()
-        self.replay_buffer.update_priorities(data.indices, priorities.clamp(max=1e4).detach())
+        self.replay_buffer.update_priorities(data.indices, priorities)
 
-        valid = masks.sum()
         stats = {
             "consistency_loss": consistency_loss.detach().mean(),
             "reward_loss": reward_loss.detach().mean(),
             "value_loss": value_loss.detach().mean(),
             "loss": loss.detach(),
-            "td_error": (td_error.detach().abs().mean(0) * masks).sum() / valid.clamp(min=1),
+            "td_error": td_error,
             "grad_norm": grad_norm.detach(),
         }
-        return stats, z_rollout.detach()
+        return stats, z_rollout
+
+    def _world_model_loss(
+        self,
+        obs: th.Tensor,
+        actions: th.Tensor,
+        rewards: th.Tensor,
+        terminals: th.Tensor,
+        masks: th.Tensor,
+        weights: th.Tensor,
+    ) -> tuple[th.Tensor, tuple[th.Tensor, th.Tensor, th.Tensor], th.Tensor, th.Tensor, th.Tensor]:
+        """
+        The TOLD losses over H-step sequences, each weighted by rho^t:
+        latent consistency ||d(z_t, a_t) - h_target(s_{t+1})||^2, reward (R(z_t, a_t) - r_t)^2 and
+        TD value sum_Q (Q(z_t, a_t) - y_t)^2 with y_t = r_t + gamma (1 - done_t) min Q_target(z'_t, pi(z'_t)).
+        The TD targets are computed for all H steps in one pass, the latents z_1..z_H one step at a
+        time, then rewards and Q-values for all H steps in one pass.
+
+        :return: The loss, the per-sequence (consistency, reward, value) losses ``[B, 1]``, the new
+            priorities ``[B]``, the mean absolute TD error over valid steps and the detached latents
+        """
+        model, target, policy = self.policy.model, self.policy.target, self.policy
+        horizon = actions.shape[0]
+
+        with th.no_grad():
+            # TD-MPC bootstraps from the online encoder and policy, and the target Q.
+            next_z = model.encode(obs[1:])
+            next_q = target.q(next_z, model.pi(next_z, policy.min_std)).min(dim=0).values
+            td_target = rewards + self.gamma * (1.0 - terminals) * next_q
+            consistency_target = policy.target_encode(obs[1:])
+
+        z = model.encode(obs[0])
+        latents = [z]
+        for t in range(horizon):
+            z = model.next_latent(z, actions[t])
+            latents.append(z)
+        z_rollout = th.stack(latents)
+        z_pred, z_start = z_rollout[1:], z_rollout[:-1]
+        reward_pred = model.predict_reward(z_start, actions)
+        q_pred = model.q(z_start, actions)
+
+        # rho^t, zero for steps past the end of the start's episode.
+        weight_t = self.rho ** th.arange(horizon, device=obs.device, dtype=obs.dtype).view(-1, 1, 1) * masks
+        td_error = q_pred - td_target
+        consistency_loss = (weight_t * (z_pred - consistency_target).pow(2).mean(dim=-1, keepdim=True)).sum(0)
+        reward_loss = (weight_t * (reward_pred - rewards).pow(2)).sum(0)
+        value_loss = (weight_t * td_error.pow(2).sum(0)).sum(0)
+
+        total_loss = (
+            self.consistency_coef * consistency_loss.clamp(max=1e4)
+            + self.reward_coef * reward_loss.clamp(max=1e4)
+            + self.value_coef * value_loss.clamp(max=1e4)
+        ).squeeze(-1)
+        # TD-MPC scales the gradient by 1/H.
+        loss = (total_loss * weights).mean() / horizon
+
+        with th.no_grad():
+            td_abs = td_error.abs()
+            priorities = (weight_t * td_abs.sum(0)).sum(0).clamp(max=1e4).squeeze(-1)
+            td_error_mean = (td_abs.mean(0) * masks).sum() / masks.sum().clamp(min=1)
+        terms = (consistency_loss, reward_loss, value_loss)
+        return loss, terms, priorities, td_error_mean, z_rollout.detach()
 
     def _update_policy_prior(self, latents: th.Tensor, masks: th.Tensor) -> th.Tensor:
         """
@@ -531,15 +552,11 @@ class TDMPC(OffPolicyAlgorithm):
         rollout; Q is frozen for this step.
         """
         model, policy = self.policy.model, self.policy
-        # z_0 is always valid; z_{t+1} is valid where transition t is.
-        valid = th.cat([th.ones_like(masks[:1]), masks])
-        weight_t = self.rho ** th.arange(len(latents), device=latents.device, dtype=latents.dtype).view(
-            -1, 1, 1
-        )
         model.q.requires_grad_(False)
-        q = model.q(latents, model.pi(latents, policy.min_std)).min(dim=0).values
-        model.q.requires_grad_(True)
-        pi_loss = -(weight_t * valid * q).sum(0).mean()
+        try:
+            pi_loss = policy.compiled("policy_prior_loss", self._policy_prior_loss)(latents, masks)
+        finally:
+            model.q.requires_grad_(True)
 
         policy.pi_optimizer.zero_grad(set_to_none=True)
         pi_loss.backward()
@@ -547,6 +564,17 @@ class TDMPC(OffPolicyAlgorithm):
         self._check_finite(grad_norm, pi_loss=pi_loss)
         policy.pi_optimizer.step()
         return pi_loss.detach()
+
+    def _policy_prior_loss(self, latents: th.Tensor, masks: th.Tensor) -> th.Tensor:
+        """-sum_t rho^t min Q(z_t, pi(z_t)) over the valid latents, averaged over the batch."""
+        model = self.policy.model
+        # z_0 is always valid; z_{t+1} is valid where transition t is.
+        valid = th.cat([th.ones_like(masks[:1]), masks])
+        weight_t = self.rho ** th.arange(len(latents), device=latents.device, dtype=latents.dtype).view(
+            -1, 1, 1
+        )
+        q = model.q(latents, model.pi(latents, self.policy.min_std)).min(dim=0).values
+        return -(weight_t * valid * q).sum(0).mean()
 
     def _check_finite(self, grad_norm: th.Tensor, *losses: th.Tensor, **named: th.Tensor) -> None:
         """Stop before a non-finite gradient reaches the weights, naming the step and the loss term."""
