@@ -83,17 +83,21 @@ def run_zoo(*args: str, entry: str = "module") -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- shipped YAML
 
 
+TDMPC_POLICY_ARGS = set(inspect.signature(TDMPCPolicy.__init__).parameters)
+
+
 def test_yaml_parses_and_every_key_is_a_tdmpc_argument_or_a_zoo_key():
     hyperparams = load_yaml()
     assert "default" in hyperparams
     for env_id, entry in hyperparams.items():
         unknown = set(entry) - TDMPC_ARGS - ZOO_KEYS
         assert not unknown, f"{env_id}: {sorted(unknown)} are neither TDMPC arguments nor rl-zoo3 keys"
-        assert entry["policy"] == "MlpPolicy"
+        policy_class = TDMPC.policy_aliases[entry["policy"]]
         assert float(entry["n_timesteps"]) > 0
         # The zoo evaluates these strings; what they give must be accepted too.
         policy_kwargs = eval(entry["policy_kwargs"])
-        assert set(policy_kwargs) <= set(inspect.signature(TDMPCPolicy.__init__).parameters)
+        accepted = {*inspect.signature(policy_class.__init__).parameters, *TDMPC_POLICY_ARGS}
+        assert set(policy_kwargs) <= accepted
         buffer_kwargs = eval(entry["replay_buffer_kwargs"])
         assert set(buffer_kwargs) <= set(inspect.signature(PrioritizedReplayBuffer.__init__).parameters)
 
