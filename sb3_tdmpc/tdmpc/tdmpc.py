@@ -28,7 +28,7 @@ from stable_baselines3.common.type_aliases import (
     TrainFrequencyUnit,
 )
 from stable_baselines3.common.utils import LinearSchedule, polyak_update, should_collect_more_steps
-from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_wrapper
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, unwrap_vec_wrapper
 
 from sb3_tdmpc.common import checkpoint
 from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples
@@ -47,6 +47,19 @@ def _finite_rows(values: np.ndarray | dict[str, np.ndarray], n_envs: int) -> np.
     if not np.issubdtype(values.dtype, np.inexact):
         return np.ones(n_envs, dtype=bool)
     return np.isfinite(values.reshape(n_envs, -1)).all(axis=1)
+
+
+def _same_row(a: Any, b: Any, index: int) -> bool:
+    """Whether environment ``index`` has bitwise the same observation in the batches ``a`` and ``b``."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(_same_row(a[key], b[key], index) for key in a)
+        )
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[index], b[index])
 
 
 def _all_finite(values: np.ndarray | dict[str, np.ndarray] | None) -> bool:
@@ -410,6 +423,12 @@ class TDMPC(OffPolicyAlgorithm):
                 infos[i]["TimeLimit.truncated"] = True
             if bad_next_obs[i]:
                 assert self.env is not None
+                if isinstance(self.env, VecEnvWrapper):
+                    raise FloatingPointError(
+                        f"Environment {i} returned a non-finite observation at step {self.num_timesteps}; "
+                        f"one environment cannot be reset through {type(self.env).__name__}, so training "
+                        "stops here."
+                    )
                 if self._episode_rng is not None:
                     states = checkpoint.env_rng_states(self.env)
                     self._episode_rng[i] = None if states is None else states[i]
@@ -604,14 +623,20 @@ class TDMPC(OffPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfTDMPC:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
+        self._interrupted = False
+        try:
+            return super().learn(
+                total_timesteps=total_timesteps,
+                callback=callback,
+                log_interval=log_interval,
+                tb_log_name=tb_log_name,
+                reset_num_timesteps=reset_num_timesteps,
+                progress_bar=progress_bar,
+            )
+        except BaseException:
+            # A checkpoint saved now (the zoo saves on Ctrl-C) may hold a half-done step or update.
+            self._interrupted = True
+            raise
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "policy.optimizer", "policy.pi_optimizer"], []
@@ -746,6 +771,8 @@ class TDMPC(OffPolicyAlgorithm):
         rb = self.replay_buffer
 
         def copy(value: Any) -> Any:
+            if isinstance(value, dict):
+                return {key: np.array(array, copy=True) for key, array in value.items()}
             return None if value is None else np.array(value, copy=True)
 
         return {
@@ -759,6 +786,7 @@ class TDMPC(OffPolicyAlgorithm):
             "plan_state": self._plan_state,
             "rollout_progress": getattr(self, "_rollout_progress", None) or (0, 0),
             "buffer_position": None if rb is None else (int(rb.pos), bool(rb.full)),
+            "interrupted": getattr(self, "_interrupted", False),
         }
 
     def _resume(self, state: dict[str, Any]) -> dict[str, Any]:
@@ -783,6 +811,8 @@ class TDMPC(OffPolicyAlgorithm):
                 )
             elif rngs is None or len(rngs) != env.num_envs or any(rng is None for rng in rngs):
                 problems.append("the RNG state the environments' current episodes were reset from is unknown")
+        if state.get("interrupted"):
+            problems.append("it was saved after learn() had stopped on an exception, possibly mid-step")
         rb = self.replay_buffer
         if state["buffer_position"] != (None if rb is None else (int(rb.pos), bool(rb.full))):
             problems.append(
@@ -790,13 +820,12 @@ class TDMPC(OffPolicyAlgorithm):
             )
         if not problems:
             checkpoint.set_env_rng_states(env, rngs)  # type: ignore[arg-type]
-            raw = state["last_original_obs"] if self._vec_normalize_env is not None else last_obs
-            resets = env.env_method("reset")
-            differ = [
-                i
-                for i, (obs, _) in enumerate(resets)
-                if not np.array_equal(np.asarray(obs, dtype=raw.dtype), raw[i])
-            ]
+            # A reset through the VecEnv (and its wrappers), unseeded: a seed given to load() would
+            # override the restored RNG states.
+            env.unwrapped._reset_seeds()
+            env.unwrapped._reset_options()
+            obs = env.reset()
+            differ = [i for i in range(env.num_envs) if not _same_row(obs, last_obs, i)]
             if differ:
                 problems.append(f"environment(s) {differ} do not reproduce their reset from their RNG state")
         if problems:
