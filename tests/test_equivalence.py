@@ -190,9 +190,14 @@ def randomize(policy: TDMPCPolicy) -> None:
         policy.target.load_state_dict({k: v * 0.9 for k, v in policy.target.state_dict().items()})
 
 
-def make_algo() -> TDMPC:
+def make_algo(**policy_kwargs) -> TDMPC:
     algo = TDMPC(
-        "Pendulum-v1", policy_kwargs=SMALL, buffer_size=100, batch_size=16, learning_starts=0, seed=0
+        "Pendulum-v1",
+        policy_kwargs={**SMALL, **policy_kwargs},
+        buffer_size=100,
+        batch_size=16,
+        learning_starts=0,
+        seed=0,
     )
     randomize(algo.policy)
     algo.replay_buffer.update_priorities = lambda indices, priorities: setattr(
@@ -394,3 +399,29 @@ def test_reference_flop_counts_are_the_issues():
         reference_update(algo, data)
     assert plan_flops.get_total_flops() == 25_348_300_288
     assert update_flops.get_total_flops() == 35_289_825_280
+
+
+@pytest.mark.slow
+def test_compiled_paths_give_the_eager_results():
+    """``torch_compile=True``: the same plans, losses, priorities and weights (compiling takes minutes)."""
+    algos = []
+    for torch_compile in (False, True):
+        th.manual_seed(0)
+        algo = make_algo(torch_compile=torch_compile)
+        algo.policy.planning_horizon = 3
+        algos.append(algo)
+    algos[1].policy.load_state_dict(algos[0].policy.state_dict())
+    data, obs = make_batch(), th.randn(2, 3)
+    results = []
+    for algo in algos:
+        th.manual_seed(1)
+        with th.inference_mode():
+            action, mean = algo.policy.plan(obs, None, explore=True)
+        th.manual_seed(2)
+        stats, latents = algo._update_world_model(data)
+        pi_loss = algo._update_policy_prior(latents, data.masks)
+        results.append(
+            [action, mean, stats["loss"], th.as_tensor(algo._priorities), pi_loss, *algo.policy.parameters()]
+        )
+    for eager, compiled in zip(*results, strict=True):
+        assert close(eager.detach(), compiled.detach())
