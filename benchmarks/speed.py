@@ -66,15 +66,19 @@ def load_reference() -> Any:
 
 
 class Timer:
-    """Wall-clock timing that waits for the device."""
+    """
+    Wall-clock timing that waits for the device; or, with ``cpu_clock``, the process's CPU time, which
+    a busy shared machine disturbs much less (meaningful with one thread: OpenMP threads spin).
+    """
 
-    def __init__(self, device: th.device):
+    def __init__(self, device: th.device, cpu_clock: bool = False):
         self.cuda = device.type == "cuda"
+        self.clock = time.process_time if cpu_clock else time.perf_counter
 
     def now(self) -> float:
         if self.cuda:
             th.cuda.synchronize()
-        return time.perf_counter()
+        return self.clock()
 
     def time(self, fn: Callable[[], Any]) -> float:
         start = self.now()
@@ -149,14 +153,41 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
 
 
+def runnable_tasks() -> int:
+    """Tasks running or waiting for a CPU right now (Linux ``/proc/loadavg``), this process included."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def wait_quiet(max_seconds: float) -> bool:
+    """
+    Wait (at most ``max_seconds``) for a moment when no other task wants this machine's CPUs, so that
+    on a shared machine each timed call runs in a quiet window. :return: whether it was quiet
+    """
+    deadline = time.monotonic() + max_seconds
+    while runnable_tasks() > 2:  # this process, and the one reading /proc
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def time_against_floor(
-    fn: Callable[[], Any], reference_gflop: float, repeats: int, timer: Timer, device: th.device
+    fn: Callable[[], Any],
+    reference_gflop: float,
+    repeats: int,
+    timer: Timer,
+    device: th.device,
+    max_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Time ``fn``, each call between two matmul throughput measurements; ratio = time / floor."""
     fn()
     fn()  # warm-up (allocator, lazy init, compilation)
-    times, ratios, gflops = [], [], []
+    times, ratios, gflops, quiet = [], [], [], 0
     for _ in range(repeats):
+        quiet += wait_quiet(max_wait) if max_wait > 0 else 0
         before = matmul_gflops(timer, device)
         seconds = timer.time(fn)
         after = matmul_gflops(timer, device)
@@ -171,6 +202,7 @@ def time_against_floor(
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
+        "quiet_calls": quiet,
     }
 
 
@@ -212,7 +244,7 @@ def bench_horizon(
         result[name] = {
             "reference_gflop": reference_gflop,
             "gflop": counted_gflop(fn),
-            **time_against_floor(fn, reference_gflop, args.repeats, timer, device),
+            **time_against_floor(fn, reference_gflop, args.repeats, timer, device, args.wait_quiet),
         }
         if args.profile:
             result[name]["profile"] = profile(fn)
@@ -344,13 +376,14 @@ def print_table(results: dict[str, Any]) -> None:
     mode = "torch.compile" if results["compile"] else "eager"
     print(
         f"# {results['date']}, {info.get('cpu', '')}, device {results['device']}, {info['threads']} threads, "
-        f"{mode}, load average {' '.join(info.get('load_average', []))}"
+        f"{mode}, {results['clock']} clock, load average {' '.join(info.get('load_average', []))}"
     )
     print()
     print(
-        "| what | H | median ms | min ms | max ms | GFLOP ref / ours | matmul GFLOP/s | floor ms | x floor |"
+        "| what | H | median ms | min ms | max ms | GFLOP ref / ours | matmul GFLOP/s | floor ms | x floor "
+        "| quiet calls |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in results["horizons"]:
         for name in ("plan", "update"):
             r = row[name]
@@ -360,7 +393,7 @@ def print_table(results: dict[str, Any]) -> None:
                 f"| {name} | {row['horizon']} | {times} | "
                 f"{r['reference_gflop']:.2f} / {r['gflop']:.2f} | {r['matmul_gflops_median']:.0f} "
                 f"(max {r['matmul_gflops_max']:.0f}) | {floor:.1f} | **{r['ratio_median']:.2f}** "
-                f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |"
+                f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | {r['quiet_calls']}/{results['repeats']} |"
             )
     b = results["buffer"]
     for name in ("sample_sequences", "update_priorities"):
@@ -368,7 +401,7 @@ def print_table(results: dict[str, Any]) -> None:
         label = f"{name}({BATCH}, {results['buffer_horizon']})" if name == "sample_sequences" else name
         print(
             f"| {label}, {b['transitions'] / 1e6:g}M | | {r['median_ms']:.2f} | {r['min_ms']:.2f} | "
-            f"{r['max_ms']:.2f} | | | | |"
+            f"{r['max_ms']:.2f} | | | | | |"
         )
     print()
     loop = results["loop"]
@@ -409,6 +442,18 @@ def main() -> None:
     parser.add_argument("--buffer-size", type=int, default=1_000_000, help="replay buffer transitions")
     parser.add_argument("--n-envs", type=int, default=1, help="environments planned in one batch")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, as SB3)")
+    parser.add_argument(
+        "--cpu-clock",
+        action="store_true",
+        help="time CPU time instead of wall time (with --threads 1, on a busy machine)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=30.0,
+        help="before each timed call, wait up to this many seconds for no other runnable task (0: never)",
+    )
     parser.add_argument("--compile", action="store_true", help="policy_kwargs=dict(torch_compile=True)")
     parser.add_argument(
         "--profile", action="store_true", help="also profile plan and update (torch.profiler)"
@@ -419,7 +464,9 @@ def main() -> None:
     if args.device.startswith("cuda") and not th.cuda.is_available():
         parser.error("--device cuda: no CUDA device here")
 
-    device, timer = th.device(args.device), Timer(th.device(args.device))
+    if args.threads is not None:
+        th.set_num_threads(args.threads)
+    device, timer = th.device(args.device), Timer(th.device(args.device), args.cpu_clock)
     reference = load_reference()
     main_horizon = max(args.horizon)
     model = make_model(main_horizon, args.device, args.buffer_size, args.compile)
@@ -429,6 +476,8 @@ def main() -> None:
         "machine": machine(),
         "device": args.device,
         "compile": args.compile,
+        "repeats": args.repeats,
+        "clock": "CPU time" if args.cpu_clock else "wall",
         "buffer_horizon": main_horizon,
         "buffer": bench_buffer(model, main_horizon, max(args.repeats, 50)),
     }

@@ -590,19 +590,10 @@ class TDMPCPolicy(BasePolicy):
         :return: Actions in [-1, 1] ``[E, A]`` and this step's plan means ``[E, H, A]``
         """
         horizon, num_envs, action_dim = self.planning_horizon, obs.shape[0], self.action_dim
-        num_pi, model = self.num_policy_trajectories, self.model
-        z = model.encode(obs)
-
-        # Trajectories of the policy prior, rolled out once: their actions, discounted rewards and
-        # final latents are the same in every iteration (only the noise of pi(z_H) is redrawn).
-        pi_actions = z.new_empty(horizon, num_envs, num_pi, action_dim)
-        z_pi = z.unsqueeze(1).expand(num_envs, num_pi, -1)
-        pi_value, discount = th.zeros((), device=z.device), 1.0
-        for t in range(horizon):
-            pi_actions[t] = model.pi(z_pi, self.min_std)
-            z_pi, reward = model.next(z_pi, pi_actions[t])
-            pi_value, discount = pi_value + discount * reward, discount * self.gamma
-        pi_value = pi_value.expand(num_envs, num_pi, 1)
+        z, pi_actions, pi_value, z_pi = self.compiled("policy_rollout", self._policy_rollout)(obs, horizon)
+        discount = 1.0
+        for _ in range(horizon):
+            discount *= self.gamma  # gamma^H, as the returns accumulate it
 
         # Warm start from the previous plan, shifted by one step.
         mean = z.new_zeros(horizon, num_envs, action_dim)
@@ -624,6 +615,27 @@ class TDMPCPolicy(BasePolicy):
         if explore:
             action = (action + std[0] * th.randn_like(action)).clamp(-1, 1)
         return action, mean.transpose(0, 1)
+
+    def _policy_rollout(
+        self, obs: th.Tensor, horizon: int
+    ) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+        """
+        Encode the observations and roll out the policy prior's trajectories once: their actions,
+        discounted rewards and final latents are the same in every planner iteration (only the
+        noise of pi(z_H) is drawn anew).
+
+        :return: z ``[E, latent]``, actions ``[H, E, P, A]``, returns ``[E, P, 1]``, z_H ``[E, P, latent]``
+        """
+        model, num_envs, num_pi = self.model, obs.shape[0], self.num_policy_trajectories
+        z = model.encode(obs)
+        pi_actions = z.new_empty(horizon, num_envs, num_pi, self.action_dim)
+        z_pi = z.unsqueeze(1).expand(num_envs, num_pi, -1)
+        pi_value, discount = th.zeros((), device=z.device), 1.0
+        for t in range(horizon):
+            pi_actions[t] = model.pi(z_pi, self.min_std)
+            z_pi, reward = model.next(z_pi, pi_actions[t])
+            pi_value, discount = pi_value + discount * reward, discount * self.gamma
+        return z, pi_actions, pi_value.expand(num_envs, num_pi, 1), z_pi
 
     def _plan_iteration(
         self,
