@@ -143,7 +143,9 @@ def fill_buffer(model: TDMPC, episode_length: int = 250) -> None:
 
 
 def counted_gflop(fn: Callable[[], Any]) -> float:
-    with FlopCounterMode(display=False) as counter:
+    # Eager: the same FLOPs, and a compiled function run under the counter's dispatch mode would
+    # afterwards stay eager.
+    with th.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops() / 1e9
 
@@ -267,6 +269,9 @@ CATEGORIES = {
 }  # fmt: skip
 
 
+COMPILED = "torch.compile's fused kernels (elementwise)"
+
+
 def profile(fn: Callable[[], Any], calls: int = 3) -> dict[str, float]:
     """Share of self CPU time per category (torch.profiler, wall time per op)."""
     from torch.profiler import ProfilerActivity
@@ -276,12 +281,15 @@ def profile(fn: Callable[[], Any], calls: int = 3) -> dict[str, float]:
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(calls):
             fn()
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::") or "Optimizer" in e.key]
-    total = sum(e.self_cpu_time_total for e in prof.key_averages())
-    shares = dict.fromkeys(CATEGORIES, 0.0)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    shares = dict.fromkeys([*CATEGORIES, COMPILED], 0.0)
     for event in events:
         name = event.key.removeprefix("aten::")
-        category = next((c for c, ops in CATEGORIES.items() if name in ops), "other ops and Python")
+        if "CompiledFxGraph" in event.key:
+            category = COMPILED
+        else:
+            category = next((c for c, ops in CATEGORIES.items() if name in ops), "other ops and Python")
         shares[category] = shares.get(category, 0.0) + event.self_cpu_time_total / total
     shares["other ops and Python"] = 1.0 - sum(v for k, v in shares.items() if k != "other ops and Python")
     return shares
@@ -481,10 +489,10 @@ def main() -> None:
         "buffer_horizon": main_horizon,
         "buffer": bench_buffer(model, main_horizon, max(args.repeats, 50)),
     }
-    results["horizons"] = [bench_horizon(h, args, reference, timer, device, model) for h in args.horizon]
-    model.replay_buffer.__dict__.pop("update_priorities", None)
+    # The loop first: the peak memory is then that of a training run on a full 1M-transition buffer.
     results["loop"] = bench_loop(model, args.loop_steps, timer)
     results["memory"] = peak_memory()
+    results["horizons"] = [bench_horizon(h, args, reference, timer, device, model) for h in args.horizon]
     results["command"] = " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])
     print_table(results)
     if args.pixels:  # CnnPolicy's update at TD-MPC's pixel settings against the state update

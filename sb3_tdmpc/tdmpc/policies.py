@@ -85,6 +85,8 @@ def elu_(x: th.Tensor) -> th.Tensor:
     """ELU (alpha 1) of a fresh intermediate ``x`` (the output of a linear layer), which it overwrites."""
     if x.device.type != "cpu":
         return F.elu(x)
+    if th.compiler.is_compiling():  # traced functionally: torch.compile fuses it into one kernel
+        return th.maximum(x, x.clamp(max=0.0).exp() - 1.0)
     if x.requires_grad and th.is_grad_enabled():
         return _ELU.apply(x)
     return _elu_inplace(x)
@@ -94,6 +96,8 @@ def tanh_(x: th.Tensor) -> th.Tensor:
     """tanh of a fresh intermediate ``x``, which it overwrites."""
     if x.device.type != "cpu":
         return th.tanh(x)
+    if th.compiler.is_compiling():
+        return th.sigmoid(x * 2.0) * 2.0 - 1.0
     if x.requires_grad and th.is_grad_enabled():
         return _Tanh.apply(x)
     return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
