@@ -26,6 +26,13 @@ class CheckpointError(ValueError):
     """A checkpoint or replay-buffer file cannot be used: truncated, corrupted or from another run."""
 
 
+class NonFiniteLossError(FloatingPointError, ValueError):
+    """A loss or gradient of an update is NaN or infinite; the update was not applied.
+
+    Also a ``ValueError``, so that rl-zoo3's ``-optimize`` prunes a diverging trial instead of stopping.
+    """
+
+
 class ResumeWarning(UserWarning):
     """``learn(reset_num_timesteps=False)`` after ``load`` cannot continue the saved run exactly."""
 

@@ -606,7 +606,7 @@ class TDMPC(OffPolicyAlgorithm):
             if "pi_loss" in named
             else "no weight, optimizer state or priority was changed"
         )
-        raise FloatingPointError(
+        raise checkpoint.NonFiniteLossError(
             f"Non-finite {', '.join(bad)} in gradient update {self._n_updates + 1} "
             f"(step {self.num_timesteps}); {unchanged}. Training stops; earlier checkpoints are unaffected. "
             "Check the environment's rewards and observations, or lower the learning rate."
