@@ -5,7 +5,8 @@ rl-zoo3 has no plugin mechanism; following its own guide for third-party algorit
 launcher registers TD-MPC with the zoo, then runs the zoo's own command for ``VERB`` with the rest
 of the command line untouched:
 
-* ``rl_zoo3.ALGOS["tdmpc"] = TDMPC`` (the dict that ``--algo`` choices are read from),
+* ``rl_zoo3.ALGOS["tdmpc"]``: TDMPC, as :class:`ContinuingTDMPC` or :class:`InferenceTDMPC` (the
+  dict that ``--algo`` choices are read from),
 * :func:`sample_tdmpc_params` as the zoo's Optuna sampler for ``-optimize`` (and its converter for
   ``--trial-id``),
 * the Meta-World ids (``reach-v3``, ...) are registered by ``import sb3_tdmpc``.
@@ -13,11 +14,15 @@ of the command line untouched:
 Verbs are the zoo's: ``train``, ``enjoy``, ``plot_train``, ``plot_from_file`` and ``all_plots``
 (``python -m rl_zoo3.cli``), plus its script modules ``record_video``, ``record_training``,
 ``push_to_hub`` and ``load_from_hub`` (``python -m rl_zoo3.<verb>``). The launcher adds two defaults
-and nothing else:
+to the command line:
 
 * ``--algo`` defaults to ``tdmpc`` (the zoo's default is ``ppo``) for the verbs that take one algorithm;
 * ``train --algo tdmpc`` without ``-conf`` reads the hyperparameters shipped in this package
   (:func:`default_config_path`), where the zoo would look inside its own package.
+
+``train -i <run>/<env>.zip`` continues the run where it stopped when the replay buffer saved with
+it (``--save-replay-buffer``) is there: the step count, seed phase and schedules go on instead of
+restarting (:class:`ContinuingTDMPC`).
 
 Loading for inference (``enjoy``, ``record_video``, ``record_training``, ``push_to_hub``) allocates
 the smallest replay buffer TDMPC accepts instead of the trained one (``buffer_size`` 1e6 is hundreds
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_ALGO",
     "VERBS",
+    "ContinuingTDMPC",
     "InferenceTDMPC",
     "convert_tdmpc_params",
     "default_config_path",
@@ -164,6 +170,46 @@ class InferenceTDMPC(TDMPC):
         super()._setup_model()
 
 
+class ContinuingTDMPC(TDMPC):
+    """
+    TDMPC as ``tdmpc-zoo train`` creates and loads it. The zoo's ``-i <run>/<env>.zip`` loads the
+    model, then ``replay_buffer.pkl`` beside it when the run saved one (``--save-replay-buffer``),
+    then calls ``learn(n_timesteps)``, which would restart the step count at 0 and with it TD-MPC's
+    seed phase, planning-horizon warm-up and exploration decay. Once a replay buffer has been loaded,
+    ``learn`` continues the run instead (``reset_num_timesteps=False``: ``-n N`` trains N more steps),
+    bitwise as the uninterrupted run when it was saved at an episode end (docs/reliability.md).
+    Without a buffer (a checkpoint ``rl_model_<N>_steps.zip``) there is nothing to continue
+    from and the zoo's restart applies. In every other respect this is TDMPC.
+    """
+
+    _continues_run = False
+
+    def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
+        super().load_replay_buffer(path, truncate_last_traj)
+        self._continues_run = True
+
+    def learn(  # type: ignore[override]
+        self,
+        total_timesteps: int,
+        callback: Any = None,
+        log_interval: int = 4,
+        tb_log_name: str = "TDMPC",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> ContinuingTDMPC:
+        return super().learn(
+            total_timesteps,
+            callback,
+            log_interval,
+            tb_log_name,
+            reset_num_timesteps=reset_num_timesteps and not self._continues_run,
+            progress_bar=progress_bar,
+        )
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_continues_run"]
+
+
 # --------------------------------------------------------------------------- launcher
 
 
@@ -173,13 +219,14 @@ def register(inference: bool = False) -> None:
 
     The zoo's modules bind these dicts by ``from ... import``, so they are updated in place.
 
-    :param inference: Register :class:`InferenceTDMPC` (light loading) instead of :class:`TDMPC`
+    :param inference: Register :class:`InferenceTDMPC` (light loading) instead of
+        :class:`ContinuingTDMPC` (training)
     """
     import rl_zoo3  # noqa: F401  (applies the zoo's gymnasium patches, as its own commands do)
     from rl_zoo3 import hyperparams_opt
     from rl_zoo3.utils import ALGOS
 
-    ALGOS[DEFAULT_ALGO] = InferenceTDMPC if inference else TDMPC
+    ALGOS[DEFAULT_ALGO] = InferenceTDMPC if inference else ContinuingTDMPC
     hyperparams_opt.HYPERPARAMS_SAMPLER[DEFAULT_ALGO] = sample_tdmpc_params
     hyperparams_opt.HYPERPARAMS_CONVERTER[DEFAULT_ALGO] = convert_tdmpc_params
 

@@ -515,18 +515,28 @@ ZOO_PARAMS = [
 ]
 
 
-def test_zoo_save_replay_buffer_files_resume_exactly_and_continue_with_trained_agent(tmp_path):
-    common = ["--seed", "1", "--num-threads", "1", "--eval-freq", "-1", "-f", str(tmp_path)]
-    run_zoo_train("-n", "250", "--save-replay-buffer", *common, *ZOO_PARAMS)  # one reach-v3 episode
-    run = tmp_path / "tdmpc" / "reach-v3_1"
+def test_zoo_save_replay_buffer_files_resume_exactly_and_train_i_continues_the_run(tmp_path):
+    common = ["--seed", "1", "--num-threads", "1", "--eval-freq", "-1"]
+    common = [*common, "--save-replay-buffer", *ZOO_PARAMS]
+    run_zoo_train("-n", "500", "-f", str(tmp_path / "whole"), *common)  # two reach-v3 episodes
+    split = tmp_path / "split"
+    run_zoo_train("-n", "250", "-f", str(split), *common)
+    first = split / "tdmpc" / "reach-v3_1"
     # The zoo's files hold the whole run state: the Python API continues the run exactly from them
     # (the environment replays the reset of the episode the run stopped at; the buffer matches).
     with warnings.catch_warnings():
         warnings.simplefilter("error", ResumeWarning)
-        model = TDMPC.load(run / "reach-v3.zip", env=make_vec_env("reach-v3", n_envs=1))
-        model.load_replay_buffer(run / "replay_buffer.pkl")
+        model = TDMPC.load(first / "reach-v3.zip", env=make_vec_env("reach-v3", n_envs=1))
+        model.load_replay_buffer(first / "replay_buffer.pkl")
         model.learn(10, reset_num_timesteps=False)
     assert model.num_timesteps == 260
-    # The zoo's own -i loads them and trains on (restarting its step count: docs/reliability.md).
-    result = run_zoo_train("-i", str(run / "reach-v3.zip"), "-n", "20", *common, *ZOO_PARAMS)
+    # So does the zoo's -i: 250 more steps from the saved run end bitwise as the 500-step run.
+    result = run_zoo_train("-i", str(first / "reach-v3.zip"), "-n", "250", "-f", str(split), *common)
     assert "Loading replay buffer" in result.stdout
+    assert "ResumeWarning" not in result.stderr
+    runs = [split / "tdmpc" / "reach-v3_2", tmp_path / "whole" / "tdmpc" / "reach-v3_1"]
+    continued, whole = (TDMPC.load(run / "reach-v3.zip") for run in runs)
+    for model, run in zip((continued, whole), runs, strict=True):
+        model.load_replay_buffer(run / "replay_buffer.pkl")
+    assert continued.num_timesteps == 500 and continued._n_updates > 250
+    assert_same_state(continued, whole)

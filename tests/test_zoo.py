@@ -17,6 +17,7 @@ from sb3_tdmpc import TDMPC, PrioritizedReplayBuffer, TDMPCPolicy
 from sb3_tdmpc.envs import METAWORLD_TASKS
 from sb3_tdmpc.zoo import (
     VERBS,
+    ContinuingTDMPC,
     InferenceTDMPC,
     convert_tdmpc_params,
     default_config_path,
@@ -219,7 +220,7 @@ def test_register_and_sampler():
     from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
 
     register()
-    assert ALGOS["tdmpc"] is TDMPC
+    assert ALGOS["tdmpc"] is ContinuingTDMPC and issubclass(ContinuingTDMPC, TDMPC)
     assert HYPERPARAMS_SAMPLER["tdmpc"] is sample_tdmpc_params
     register(inference=True)
     assert ALGOS["tdmpc"] is InferenceTDMPC
