@@ -25,7 +25,7 @@ it (``--save-replay-buffer``) is there: the step count, seed phase and schedules
 restarting (:class:`ContinuingTDMPC`).
 
 Loading for inference (``enjoy``, ``record_video``, ``record_training``, ``push_to_hub``) allocates
-the smallest replay buffer TDMPC accepts instead of the trained one (``buffer_size`` 1e6 is hundreds
+a one-transition replay buffer instead of the trained one (``buffer_size`` 1e6 is hundreds
 of MB), as the zoo does for its own off-policy algorithms.
 """
 
@@ -151,8 +151,8 @@ def convert_tdmpc_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
 
 class InferenceTDMPC(TDMPC):
     """
-    TDMPC as loaded by the zoo's inference verbs (``enjoy``, ``record_video``, ...): with the
-    smallest replay buffer TDMPC accepts, whatever ``buffer_size`` it was trained with.
+    TDMPC as loaded by the zoo's inference verbs (``enjoy``, ``record_video``, ...): with a
+    one-transition replay buffer, whatever ``buffer_size`` it was trained with.
 
     The zoo passes ``buffer_size=1`` to its own off-policy algorithms for the same purpose, from a
     list local to each script, which cannot be extended; this class stands for TDMPC in
@@ -163,11 +163,6 @@ class InferenceTDMPC(TDMPC):
     def load(cls, path: Any, *args: Any, **kwargs: Any) -> TDMPC:  # type: ignore[override]
         kwargs.setdefault("buffer_size", 1)
         return super().load(path, *args, **kwargs)
-
-    def _setup_model(self) -> None:
-        # TDMPC refuses a buffer that cannot hold one sequence of `horizon` transitions per env.
-        self.buffer_size = max(self.buffer_size, (self.horizon + 1) * max(self.n_envs, 1))
-        super()._setup_model()
 
 
 class ContinuingTDMPC(TDMPC):

@@ -251,8 +251,23 @@ def test_unknown_metaworld_task_lists_close_matches():
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="optimize_memory_usage"):
         TDMPC("Pendulum-v1", optimize_memory_usage=True)
-    with pytest.raises(ValueError, match=r"horizon \(10\) must be smaller than the buffer's length"):
-        TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})
+    model = TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})  # fine to act with
+    with pytest.raises(ValueError, match="holds 10 steps per env, too few for sequences of horizon 10"):
+        model.learn(100)
+    assert model.num_timesteps == 0
+
+
+def test_a_model_loaded_to_act_needs_no_replay_buffer(tmp_path):
+    model = TDMPC("Pendulum-v1", **TINY)
+    model.save(tmp_path / "model")
+    loaded = TDMPC.load(tmp_path / "model", buffer_size=1)
+    assert loaded.replay_buffer.buffer_size == 1
+    obs = np.zeros((1, 3), dtype=np.float32)
+    actions = []
+    for m in (model, loaded):
+        th.manual_seed(0)  # the planner samples
+        actions.append(m.predict(obs, deterministic=True)[0])
+    assert np.array_equal(*actions)
 
 
 @pytest.mark.parametrize(

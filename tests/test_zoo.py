@@ -253,8 +253,8 @@ def test_inference_load_allocates_a_minimal_buffer(tmp_path):
 
     loaded = InferenceTDMPC.load(tmp_path / "model.zip", device="cpu")
     assert isinstance(loaded, TDMPC)
-    assert loaded.replay_buffer.buffer_size == loaded.horizon + 1 == 4
-    assert loaded.replay_buffer.observations.nbytes < 1_000
+    assert loaded.replay_buffer.buffer_size == 1
+    assert loaded.replay_buffer.observations.nbytes < 100
     for p, q in zip(model.policy.parameters(), loaded.policy.parameters(), strict=True):
         assert np.array_equal(p.detach().numpy(), q.detach().numpy())
     action, _ = loaded.predict(obs, deterministic=True)

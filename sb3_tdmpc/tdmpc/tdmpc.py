@@ -276,11 +276,6 @@ class TDMPC(OffPolicyAlgorithm):
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
                 f"PrioritizedReplayBuffer; got {self.replay_buffer_class}"
             )
-        if self.horizon >= self.buffer_size // max(self.n_envs, 1):
-            raise ValueError(
-                f"horizon ({self.horizon}) must be smaller than the buffer's length per env "
-                f"({self.buffer_size // max(self.n_envs, 1)})"
-            )
         super()._setup_model()
         self._update_schedules()
 
