@@ -1,0 +1,200 @@
+"""
+Experiments behind docs/performance.md's "What was tried": ways to close the gap between the
+planner and the matmul floor that did not pay off, kept so that anyone can rerun them.
+
+1. ``chain``: five (Linear 512->512, ELU, Linear 512->512, ELU) blocks on 537 rows, the shape of
+   the planner's dynamics/reward layers, against the same ten matmuls alone (no bias, no ELU):
+   eager (``addmm`` + this package's ELU), and ``torch.compile``d with ``addmm`` (what the
+   compiled planner does), with ``mm`` and the bias added in the ELU kernel (no bias copy before
+   the GEMM), and with Inductor's C++ GEMM template (``max_autotune``, CPP backend; reachable for
+   non-constant weights only through ``bmm``), which can fuse the ELU into the GEMM's epilogue.
+2. ``plan`` and ``update`` at the paper settings (horizon 5): eager, and ``torch_compile=True``
+   with and without Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
+   Python: a planner iteration runs about 100 kernels), which ``TDMPCPolicy.compiled`` turns on
+   for CPU.
+
+Each variant is timed in turn, round after round (interleaved, so that a change of machine load
+touches them all), and reported as the median ratio to the matmul floor measured in the same
+round. Run from the repository root (compiling takes a few minutes the first time):
+
+    python benchmarks/speed_experiments.py [--rounds 40] [--plan-rounds 15] [--skip-plan]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch as th
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402  (benchmarks/speed.py: model, timer and floor of the speed benchmark)
+
+ROWS, WIDTH, BLOCKS = 537, 512, 5
+
+
+def elu(x: th.Tensor) -> th.Tensor:
+    return th.maximum(x, x.clamp(max=0.0).exp() - 1.0)
+
+
+def chain_variants() -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
+    """The floor (matmuls alone) and the variants of the Linear-ELU chain, all on the same data."""
+    gen = th.Generator().manual_seed(0)
+    x = th.randn(ROWS, WIDTH, generator=gen)
+    w1, w2 = (th.randn(WIDTH, WIDTH, generator=gen) / WIDTH**0.5 for _ in range(2))
+    b1, b2 = (th.randn(WIDTH, generator=gen) for _ in range(2))
+    w1_t, w2_t = w1.t().contiguous(), w2.t().contiguous()
+    neg_b1, neg_b2 = -b1, -b2
+
+    def matmuls_alone() -> th.Tensor:
+        h = x
+        for _ in range(BLOCKS):
+            h = th.mm(th.mm(h, w1_t), w2_t)
+        return h
+
+    def addmm_elu() -> th.Tensor:
+        h = x
+        for _ in range(BLOCKS):
+            h = elu(F.linear(elu(F.linear(h, w1, b1)), w2, b2))
+        return h
+
+    def eager_addmm_elu() -> th.Tensor:
+        from sb3_tdmpc.tdmpc.policies import elu_
+
+        h = x
+        for _ in range(BLOCKS):
+            h = elu_(F.linear(elu_(F.linear(h, w1, b1)), w2, b2))
+        return h
+
+    def mm_then_bias_elu() -> th.Tensor:
+        # `mm - (-b)`: Inductor rewrites `mm + b` back into addmm (post_grad's addmm pattern).
+        h = x
+        for _ in range(BLOCKS):
+            h = elu(th.mm(elu(th.mm(h, w1_t) - neg_b1), w2_t) - neg_b2)
+        return h
+
+    def bmm_elu() -> th.Tensor:
+        h = x[None]
+        for _ in range(BLOCKS):
+            h = elu(th.bmm(elu(th.bmm(h, w1_t[None]) + b1), w2_t[None]) + b2)
+        return h[0]
+
+    variants = {
+        "eager: addmm + ELU (this package)": eager_addmm_elu,
+        "compiled: addmm + fused ELU": th.compile(addmm_elu, dynamic=False),
+        "compiled: mm + fused bias-ELU": th.compile(mm_then_bias_elu, dynamic=False),
+        "compiled: C++ GEMM template, ELU epilogue": th.compile(
+            bmm_elu, dynamic=False, options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+        ),
+    }
+    reference = addmm_elu()
+    for name, fn in variants.items():
+        error = (fn() - reference).abs().max().item()
+        assert error < 1e-4, (name, error)
+    return matmuls_alone, variants
+
+
+def interleaved(
+    floor: Callable[[], float], variants: dict[str, Callable[[], Any]], rounds: int, grad: bool = False
+) -> None:
+    """Time each variant once per round against ``floor()`` (seconds) measured in the same round."""
+    ratios: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    with contextlib.nullcontext() if grad else th.inference_mode():
+        for fn in variants.values():
+            fn()
+            fn()
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                elapsed = time.perf_counter() - start
+                times[name].append(elapsed)
+                ratios[name].append(elapsed / floor())
+    print("| variant | median ms | x floor (median) | x floor (min) |")
+    print("|---|---|---|---|")
+    for name in variants:
+        print(
+            f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | "
+            f"**{statistics.median(ratios[name]):.2f}** | {min(ratios[name]):.2f} |"
+        )
+
+
+# (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own; None: its own)
+COMPILE_SETTINGS = [
+    ("eager", False, None),
+    ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}),
+    ("compiled (cpp_wrapper=True on CPU, the default)", True, None),
+]
+
+
+def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
+    model = speed.make_model(5, "cpu", 1_000, torch_compile)
+    model.replay_buffer.update_priorities = lambda indices, priorities: None  # the update's own cost
+    policy = model.policy
+    policy.planning_horizon, policy.std_floor = 5, model.exploration_final_std
+    if options is not None:
+        for name, fn in [
+            ("policy_rollout", policy._policy_rollout),
+            ("plan_iteration", policy._plan_iteration),
+            ("world_model_loss", model._world_model_loss),
+            ("policy_prior_loss", model._policy_prior_loss),
+        ]:
+            policy._compiled[name] = th.compile(fn, dynamic=False, options=options)
+    return model
+
+
+def plan_and_update_variants() -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
+    obs, data = th.randn(1, speed.OBS_DIM), speed.make_batch(5, th.device("cpu"))
+    plans, updates = {}, {}
+    for name, torch_compile, options in COMPILE_SETTINGS:
+        model = compiled_model(torch_compile, options)
+
+        def update(model: Any = model) -> None:
+            _, latents = model._update_world_model(data)
+            model._update_policy_prior(latents, data.masks)
+
+        plans[name] = lambda policy=model.policy: policy.plan(obs, None, explore=True)
+        updates[name] = update
+    return plans, updates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=40, help="rounds of the chain experiment")
+    parser.add_argument("--plan-rounds", type=int, default=15, help="rounds of the plan/update experiments")
+    parser.add_argument("--skip-plan", action="store_true", help="only the chain experiment")
+    args = parser.parse_args()
+    timer = speed.Timer(th.device("cpu"))
+    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, {th.get_num_threads()} threads, torch {th.__version__}")
+
+    matmuls_alone, variants = chain_variants()
+    print(
+        f"\nchain: {BLOCKS} x (Linear {WIDTH}->{WIDTH}, ELU) x 2 on {ROWS} rows; floor = the 10 matmuls alone"
+    )
+    interleaved(lambda: timer.time(matmuls_alone), variants, args.rounds)
+
+    if not args.skip_plan:
+        plans, updates = plan_and_update_variants()
+        for what, variants in [("plan", plans), ("update", updates)]:
+            gflop = speed.REFERENCE_GFLOP_H5[what]
+            print(f"\n{what}: paper settings, horizon 5; floor = {gflop} GFLOP / matmul GFLOP/s (speed.py)")
+            interleaved(
+                lambda gflop=gflop: gflop / speed.matmul_gflops(timer, th.device("cpu"), calls=5),
+                variants,
+                args.plan_rounds,
+                grad=what == "update",
+            )
+
+
+if __name__ == "__main__":
+    main()
