@@ -170,18 +170,13 @@ class ContinuingTDMPC(TDMPC):
     TDMPC as ``tdmpc-zoo train`` creates and loads it. The zoo's ``-i <run>/<env>.zip`` loads the
     model, then ``replay_buffer.pkl`` beside it when the run saved one (``--save-replay-buffer``),
     then calls ``learn(n_timesteps)``, which would restart the step count at 0 and with it TD-MPC's
-    seed phase, planning-horizon warm-up and exploration decay. Once a replay buffer has been loaded,
-    ``learn`` continues the run instead (``reset_num_timesteps=False``: ``-n N`` trains N more steps),
-    bitwise as the uninterrupted run when it was saved at an episode end (docs/reliability.md).
-    Without a buffer (a checkpoint ``rl_model_<N>_steps.zip``) there is nothing to continue
-    from and the zoo's restart applies. In every other respect this is TDMPC.
+    seed phase, planning-horizon warm-up and exploration decay. A model that has taken steps and
+    whose replay buffer holds transitions (the one loaded beside it) continues the run instead
+    (``reset_num_timesteps=False``: ``-n N`` trains N more steps), bitwise as the uninterrupted run
+    when it was saved at an episode end (docs/reliability.md). Without a buffer (a checkpoint
+    ``rl_model_<N>_steps.zip``) there is nothing to continue from and the zoo's restart applies.
+    In every other respect this is TDMPC.
     """
-
-    _continues_run = False
-
-    def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
-        super().load_replay_buffer(path, truncate_last_traj)
-        self._continues_run = True
 
     def learn(  # type: ignore[override]
         self,
@@ -192,17 +187,17 @@ class ContinuingTDMPC(TDMPC):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> ContinuingTDMPC:
+        # A model that has taken steps and holds transitions: loaded together with its buffer.
+        buffer = self.replay_buffer
+        continues = self.num_timesteps > 0 and buffer is not None and (buffer.full or buffer.pos > 0)
         return super().learn(
             total_timesteps,
             callback,
             log_interval,
             tb_log_name,
-            reset_num_timesteps=reset_num_timesteps and not self._continues_run,
+            reset_num_timesteps=reset_num_timesteps and not continues,
             progress_bar=progress_bar,
         )
-
-    def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_continues_run"]
 
 
 # --------------------------------------------------------------------------- launcher
