@@ -425,3 +425,37 @@ def test_compiled_paths_give_the_eager_results():
         )
     for eager, compiled in zip(*results, strict=True):
         assert close(eager.detach(), compiled.detach())
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_plain_ones_on_large_batches():
+    """The compiled CPU layers (bias in the fused kernel, row-blocked matmul, polynomial exp, ELU
+    backward from its output, one-output layers as reductions): F.linear/F.elu values and gradients."""
+    from sb3_tdmpc.tdmpc.policies import affine, elu_
+
+    gen = th.Generator().manual_seed(0)
+    x = th.randn(1100, 24, generator=gen).requires_grad_(True)  # 3 row blocks of at most 512
+    w1, w2 = th.randn(24, 16, generator=gen), th.randn(16, 1, generator=gen)
+    b1, b2 = th.randn(16, generator=gen), th.randn(1, generator=gen)
+    params = [x, *(t.requires_grad_(True) for t in (w1, b1, w2, b2))]
+
+    def layers(x, w1, b1, w2, b2):
+        return affine(elu_(affine(x, w1, b1)), w2, b2)
+
+    def plain(x, w1, b1, w2, b2):
+        return F.linear(F.elu(F.linear(x, w1.t(), b1)), w2.t(), b2)
+
+    compiled = th.compile(layers, dynamic=False)(*params)
+    expected = plain(*params)
+    assert close(compiled, expected)
+    got, want = gradients(compiled.square().sum(), params), gradients(expected.square().sum(), params)
+    assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.slow
+def test_compiled_exp_is_within_two_ulp_of_exp():
+    from sb3_tdmpc.tdmpc.policies import _exp
+
+    x = th.linspace(-87.0, 0.0, 1_000_001)
+    got, want = th.compile(_exp, dynamic=False)(x).double(), th.exp(x.double())
+    assert ((got - want).abs() / want).max().item() < 2 * 2.0**-24

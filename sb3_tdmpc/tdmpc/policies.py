@@ -81,12 +81,113 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
     return th.maximum(x, x.clamp(max=0.0).exp_().sub_(1.0), out=x)
 
 
+# Compiled for CPU (torch_compile=True), Inductor fuses every elementwise op between two matmuls
+# into one kernel, and the helpers below shape the graph so that it can:
+# * a linear layer is ``mm(x, W^T)`` with the bias added in the next fused kernel: ``addmm`` first
+#   copies the bias into its whole output, one more pass over memory per layer;
+# * a one-output layer (reward, Q) is a row reduction, fused with the ELU before it, not an N=1 GEMM;
+# * ``exp`` in ELU is Cody-Waite range reduction and Cephes' polynomial, in plain elementwise ops
+#   (within 1.5 ulp; Sleef's exp, which Inductor calls otherwise, is within 1 but slower).
+# docs/performance.md measures each; tests/test_equivalence.py checks compiled against eager.
+
+_LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 0.5)
+
+
+def _exp(x: th.Tensor) -> th.Tensor:
+    """exp(x) for float32 ``x`` in [-87, 0] (ELU's negative part), traced for torch.compile on CPU."""
+    if not _compiling_for_cpu(x) or x.dtype != th.float32:
+        return x.exp()
+    x = x.clamp(min=-87.0)  # exp(-87) ~ 1.6e-38, the smallest normal float; ELU is -1 there anyway
+    n = th.floor(x * _LOG2E + 0.5)
+    r = x - n * _LN2_HI - n * _LN2_LO  # x = n ln2 + r, |r| <= ln2 / 2
+    poly = r * _EXP_POLY[0]
+    for coefficient in _EXP_POLY[1:]:
+        poly = (poly + coefficient) * r
+    two_to_n = ((n + 127.0) * 8388608.0).to(th.int32).view(th.float32)  # 2^n: the exponent bits
+    return (poly * r + r + 1.0) * two_to_n
+
+
+def _compiling_for_cpu(x: th.Tensor) -> bool:
+    return x.device.type == "cpu" and th.compiler.is_compiling()
+
+
+def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """
+    ``x @ weight_t + bias`` (``weight_t``: ``[in, out]``), as ``addmm``, or shaped for Inductor's
+    fusion while compiling for CPU.
+    """
+    if not _compiling_for_cpu(x):
+        if weight_t.shape[1] == 1:
+            # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
+            return th.addmv(bias, x.reshape(-1, x.shape[-1]), weight_t[:, 0]).reshape(*x.shape[:-1], 1)
+        return th.addmm(bias, x, weight_t) if x.dim() == 2 else th.matmul(x, weight_t) + bias
+    if weight_t.shape[1] == 1:
+        return (x * weight_t[:, 0]).sum(-1, keepdim=True) + bias
+    if _ROW_BLOCK and x.dim() == 2 and x.shape[0] >= 2 * _ROW_BLOCK:
+        return _RowBlockedMatmul.apply(x, weight_t) - (-bias)
+    # `- (-bias)`: Inductor turns `mm + bias` back into addmm
+    return th.matmul(x, weight_t) - (-bias)
+
+
+_ROW_BLOCK = 512
+_ELU_FROM_OUTPUT = True
+
+
+class _RowBlockedMatmul(th.autograd.Function):
+    """
+    ``x @ w`` with ``x`` and the input gradient in blocks of :data:`_ROW_BLOCK` rows: on CPU, MKL
+    runs a [512, 512] x [512, 512] matmul faster per FLOP than a [2560, 512] one. The weight gradient
+    (``x^T g``, long inner dimension) is one matmul. Traced by torch.compile (the blocks concatenate
+    inside the next fused kernel).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+        ctx.save_for_backward(x, weight_t)
+        return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
+        x, weight_t = ctx.saved_tensors
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = th.cat([th.mm(block, weight_t.t()) for block in grad.split(_ROW_BLOCK)])
+        if ctx.needs_input_grad[1]:
+            grad_w = th.mm(x.t(), grad)
+        return grad_x, grad_w
+
+
+class _CompiledELU(th.autograd.Function):
+    """ELU traced for torch.compile, whose backward reads the output (as ATen's): no exp to recompute."""
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
+        out = th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
+        (out,) = ctx.saved_tensors
+        return th.where(out > 0, grad, grad * (out + 1.0))
+
+
+def linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None) -> th.Tensor:
+    """``F.linear``; while compiling for CPU, shaped for Inductor's fusion (:func:`affine`)."""
+    if bias is None or not _compiling_for_cpu(x):
+        return F.linear(x, weight, bias)
+    return affine(x, weight.t(), bias)
+
+
 def elu_(x: th.Tensor) -> th.Tensor:
     """ELU (alpha 1) of a fresh intermediate ``x`` (the output of a linear layer), which it overwrites."""
     if x.device.type != "cpu":
         return F.elu(x)
     if th.compiler.is_compiling():  # traced functionally: torch.compile fuses it into one kernel
-        return th.maximum(x, x.clamp(max=0.0).exp() - 1.0)
+        if _ELU_FROM_OUTPUT and x.requires_grad and th.is_grad_enabled():
+            return _CompiledELU.apply(x)
+        return th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
     if x.requires_grad and th.is_grad_enabled():
         return _ELU.apply(x)
     return _elu_inplace(x)
@@ -116,7 +217,7 @@ def forward_mlp(net: nn.Module, x: th.Tensor) -> th.Tensor:
         return net(x)
     layers = list(net)
     for i in range(0, len(layers), 2):
-        x = F.linear(x, layers[i].weight, layers[i].bias)
+        x = linear(x, layers[i].weight, layers[i].bias)
         if i + 1 < len(layers):
             x = elu_(x)
     return x
@@ -240,7 +341,7 @@ class QEnsemble(nn.Module):
             if split:
                 h = th.addmm(th.addmm(b1[q, 0], action, w1[q, latent_dim:]), z, w1[q, :latent_dim])
             else:
-                h = th.addmm(b1[q, 0], x, w1[q])
+                h = affine(x, w1[q], b1[q, 0])
             norm_weight, norm_bias = self.norm_weight[q, 0], self.norm_bias[q, 0]
             if h.device.type == "cpu" and not (grad and h.requires_grad):
                 # tanh(y) = 2 sigmoid(2y) - 1, with the (exact) factor 2 in the LayerNorm's affine
@@ -248,9 +349,8 @@ class QEnsemble(nn.Module):
                 h = h.sigmoid_().mul_(2.0).sub_(1.0)
             else:
                 h = tanh_(F.layer_norm(h, (self.hidden_dim,), norm_weight, norm_bias))
-            h = elu_(th.addmm(b2[q, 0], h, w2[q]))
-            # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
-            values.append(th.addmv(b3[q, 0], h, w3[q, :, 0]))
+            h = elu_(affine(h, w2[q], b2[q, 0]))
+            values.append(affine(h, w3[q], b3[q, 0]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
 
@@ -313,8 +413,8 @@ class WorldModel(nn.Module):
         width = self.dynamics[0].out_features
         z, r = hidden[:, :width], hidden[:, width:]
         for i in range(2, len(self.dynamics), 2):
-            z = F.linear(z, self.dynamics[i].weight, self.dynamics[i].bias)
-            r = F.linear(r, self.reward[i].weight, self.reward[i].bias)
+            z = linear(z, self.dynamics[i].weight, self.dynamics[i].bias)
+            r = linear(r, self.reward[i].weight, self.reward[i].bias)
             if i + 1 < len(self.dynamics):
                 z, r = elu_(z), elu_(r)
         return z, r
@@ -334,7 +434,7 @@ class WorldModel(nn.Module):
             return self.dynamics(za), self.reward(za)
         batch_shape = za.shape[:-1]
         weight, bias = self._fused_first_layer()
-        z, r = self._next_from_hidden(F.linear(za.reshape(-1, za.shape[-1]), weight, bias))
+        z, r = self._next_from_hidden(linear(za.reshape(-1, za.shape[-1]), weight, bias))
         # Explicit sizes: -1 is ambiguous for an empty batch (no policy trajectories, num_samples < 20).
         return z.reshape(*batch_shape, z.shape[-1]), r.reshape(*batch_shape, r.shape[-1])
 
@@ -358,13 +458,13 @@ class WorldModel(nn.Module):
         weight, bias = self._fused_first_layer()
         latent_dim = z.shape[-1]
         # t = 0: W [z, a] + b = (W_z z + b) + W_a a, with W_z z + b per environment.
-        z_part = F.linear(z, weight[:, :latent_dim], bias).unsqueeze(1)
+        z_part = linear(z, weight[:, :latent_dim], bias).unsqueeze(1)
         w_a = weight[:, latent_dim:].t().expand(num_envs, action_dim, -1)
         hidden = th.baddbmm(z_part, actions[0], w_a).view(num_envs * num_seq, -1)
         for t in range(horizon):
             if t > 0:
                 za = th.cat([z, actions[t].reshape(num_envs * num_seq, -1)], dim=-1)
-                hidden = F.linear(za, weight, bias)
+                hidden = linear(za, weight, bias)
             z, reward = self._next_from_hidden(hidden)
             value, discount = value + discount * reward, discount * gamma
         return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)
