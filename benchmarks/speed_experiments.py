@@ -11,7 +11,8 @@ planner and the matmul floor that did not pay off, kept so that anyone can rerun
 2. ``plan`` and ``update`` at the paper settings (horizon 5): eager, and ``torch_compile=True``
    with and without Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
    Python: a planner iteration runs about 100 kernels), which ``TDMPCPolicy.compiled`` turns on
-   for CPU.
+   for CPU, and traced with plain layers instead of the layer shapes of ``policies.affine`` (bias
+   in the fused kernel, one-output layers as reductions, 512-row matmul blocks, polynomial exp).
 
 Each variant is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py: model, timer and floor of the speed benchmark)
 
+from sb3_tdmpc.tdmpc import policies  # noqa: E402
 from sb3_tdmpc.tdmpc.policies import elu_  # noqa: E402
 
 ROWS, WIDTH, BLOCKS = 537, 512, 5
@@ -118,12 +120,36 @@ def interleaved(
         )
 
 
-# (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own; None: its own)
+# (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
+#  plain layers: traced without the package's compiled-CPU layer shapes)
 COMPILE_SETTINGS = [
-    ("eager", False, None),
-    ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}),
-    ("compiled (cpp_wrapper=True on CPU, the default)", True, None),
+    ("eager", False, None, False),
+    ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}, False),
+    ("compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks)", True, None, True),
+    ("compiled (cpp_wrapper=True on CPU, the default)", True, None, False),
 ]
+
+
+def _never(x: th.Tensor) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def plain_layers(enabled: bool) -> Any:
+    """
+    Trace (and run: torch.compile guards on it) the layers as the straightforward ``addmm``/``addmv``,
+    ``exp`` and unblocked matmuls, without ``policies.affine``'s shapes for Inductor (ELU's backward
+    still reads its output).
+    """
+    if not enabled:
+        yield
+        return
+    original = policies._compiling_for_cpu
+    policies._compiling_for_cpu = _never  # one function object: its guard holds from call to call
+    try:
+        yield
+    finally:
+        policies._compiling_for_cpu = original
 
 
 def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
@@ -145,15 +171,19 @@ def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
 def plan_and_update_variants() -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
     obs, data = th.randn(1, speed.OBS_DIM), speed.make_batch(5, th.device("cpu"))
     plans, updates = {}, {}
-    for name, torch_compile, options in COMPILE_SETTINGS:
+    for name, torch_compile, options, plain in COMPILE_SETTINGS:
         model = compiled_model(torch_compile, options)
 
-        def update(model: Any = model) -> None:
-            _, latents = model._update_world_model(data)
-            model._update_policy_prior(latents, data.masks)
+        def update(model: Any = model, plain: bool = plain) -> None:
+            with plain_layers(plain):
+                _, latents = model._update_world_model(data)
+                model._update_policy_prior(latents, data.masks)
 
-        plans[name] = lambda policy=model.policy: policy.plan(obs, None, explore=True)
-        updates[name] = update
+        def plan(policy: Any = model.policy, plain: bool = plain) -> None:
+            with plain_layers(plain):
+                policy.plan(obs, None, explore=True)
+
+        plans[name], updates[name] = plan, update
     return plans, updates
 
 

@@ -81,15 +81,19 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
     return th.maximum(x, x.clamp(max=0.0).exp_().sub_(1.0), out=x)
 
 
-# Compiled for CPU (torch_compile=True), Inductor fuses every elementwise op between two matmuls
-# into one kernel, and the helpers below shape the graph so that it can:
-# * a linear layer is ``mm(x, W^T)`` with the bias added in the next fused kernel: ``addmm`` first
-#   copies the bias into its whole output, one more pass over memory per layer;
-# * a one-output layer (reward, Q) is a row reduction, fused with the ELU before it, not an N=1 GEMM;
-# * ``exp`` in ELU is Cody-Waite range reduction and Cephes' polynomial, in plain elementwise ops
-#   (within 1.5 ulp; Sleef's exp, which Inductor calls otherwise, is within 1 but slower).
+# Compiled for CPU (torch_compile=True), Inductor fuses the elementwise ops between two matmuls into
+# one kernel; the helpers below shape the traced graph for it:
+# * a linear layer is ``mm(x, W^T)``, its bias added in the next fused kernel (``addmm`` first copies
+#   the bias into its whole output: one more pass over memory per layer);
+# * a one-output layer (reward, Q) is a row reduction fused with the ELU before it, not an N=1 GEMM;
+# * matmuls over many rows (the update's horizon x batch) run in blocks of _ROW_BLOCK rows, which
+#   MKL runs faster per FLOP here; the weight gradient stays one matmul;
+# * ELU's exp is Cody-Waite range reduction and Cephes' polynomial in plain elementwise ops (within
+#   1.5 ulp; Sleef's exp, which Inductor calls otherwise, is within 1 but slower), and its backward
+#   reads the output, as ATen's does, instead of recomputing the exp.
 # docs/performance.md measures each; tests/test_equivalence.py checks compiled against eager.
 
+_ROW_BLOCK = 512
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 0.5)
 
@@ -117,21 +121,20 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     ``x @ weight_t + bias`` (``weight_t``: ``[in, out]``), as ``addmm``, or shaped for Inductor's
     fusion while compiling for CPU.
     """
-    if not _compiling_for_cpu(x):
-        if weight_t.shape[1] == 1:
-            # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
-            return th.addmv(bias, x.reshape(-1, x.shape[-1]), weight_t[:, 0]).reshape(*x.shape[:-1], 1)
-        return th.addmm(bias, x, weight_t) if x.dim() == 2 else th.matmul(x, weight_t) + bias
+    compiling = _compiling_for_cpu(x)
     if weight_t.shape[1] == 1:
-        return (x * weight_t[:, 0]).sum(-1, keepdim=True) + bias
-    if _ROW_BLOCK and x.dim() == 2 and x.shape[0] >= 2 * _ROW_BLOCK:
-        return _RowBlockedMatmul.apply(x, weight_t) - (-bias)
+        if compiling:
+            return (x * weight_t[:, 0]).sum(-1, keepdim=True) + bias
+        # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
+        return th.addmv(bias, x.reshape(-1, x.shape[-1]), weight_t[:, 0]).reshape(*x.shape[:-1], 1)
+    if not compiling:
+        return th.addmm(bias, x, weight_t) if x.dim() == 2 else th.matmul(x, weight_t) + bias
     # `- (-bias)`: Inductor turns `mm + bias` back into addmm
+    rows = x.numel() // max(x.shape[-1], 1)
+    if rows >= 2 * _ROW_BLOCK:
+        product = _RowBlockedMatmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
+        return (product - (-bias)).reshape(*x.shape[:-1], weight_t.shape[1])
     return th.matmul(x, weight_t) - (-bias)
-
-
-_ROW_BLOCK = 512
-_ELU_FROM_OUTPUT = True
 
 
 class _RowBlockedMatmul(th.autograd.Function):
@@ -145,17 +148,18 @@ class _RowBlockedMatmul(th.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
         ctx.save_for_backward(x, weight_t)
-        return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
+        return _row_blocked_mm(x, weight_t)
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
         x, weight_t = ctx.saved_tensors
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = th.cat([th.mm(block, weight_t.t()) for block in grad.split(_ROW_BLOCK)])
-        if ctx.needs_input_grad[1]:
-            grad_w = th.mm(x.t(), grad)
+        grad_x = _row_blocked_mm(grad, weight_t.t()) if ctx.needs_input_grad[0] else None
+        grad_w = th.mm(x.t(), grad) if ctx.needs_input_grad[1] else None
         return grad_x, grad_w
+
+
+def _row_blocked_mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
 
 
 class _CompiledELU(th.autograd.Function):
@@ -185,7 +189,7 @@ def elu_(x: th.Tensor) -> th.Tensor:
     if x.device.type != "cpu":
         return F.elu(x)
     if th.compiler.is_compiling():  # traced functionally: torch.compile fuses it into one kernel
-        if _ELU_FROM_OUTPUT and x.requires_grad and th.is_grad_enabled():
+        if x.requires_grad and th.is_grad_enabled():
             return _CompiledELU.apply(x)
         return th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
     if x.requires_grad and th.is_grad_enabled():
