@@ -1,6 +1,7 @@
 """
 Experiments behind docs/performance.md's "What was tried": ways to close the gap between the
-planner and the matmul floor that did not pay off, kept so that anyone can rerun them.
+planner and the matmul floor, kept (those that paid off and those that did not) so that anyone can
+rerun them.
 
 1. ``chain``: five (Linear 512->512, ELU, Linear 512->512, ELU) blocks on 537 rows, the shape of
    the planner's dynamics/reward layers, against the same ten matmuls alone (no bias, no ELU):
