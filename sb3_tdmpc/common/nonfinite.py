@@ -39,8 +39,8 @@ def all_finite(values: np.ndarray | dict[str, np.ndarray] | None) -> bool:
 class NonFiniteTransitions:
     """
     Mixin for an SB3 off-policy algorithm (TDMPC): finds the environments whose step returned NaN/inf
-    and keeps those transitions out of the replay buffer. Its ``_store_transition`` calls
-    ``_nonfinite_envs`` and, where that finds any, ``_drop_nonfinite``.
+    and keeps those transitions out of the replay buffer. The algorithm's ``_store_transition`` calls
+    ``_nonfinite_envs`` and, where that finds any, ``_drop_nonfinite`` before storing.
     """
 
     num_nonfinite_transitions: int
