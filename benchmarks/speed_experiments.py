@@ -12,8 +12,9 @@ rerun them.
 2. ``plan`` and ``update`` at the paper settings (horizon 5): eager, and ``torch_compile=True``
    with and without Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
    Python: a planner iteration runs about 100 kernels), which ``TDMPCPolicy.compiled`` turns on
-   for CPU, and traced with plain layers instead of the layer shapes of ``policies.affine`` (bias
-   in the fused kernel, one-output layers as reductions, 512-row matmul blocks, polynomial exp).
+   for CPU, and traced with plain layers instead of the compiled-CPU layer shapes of ``policies``
+   (bias in the fused kernel, one-output layers as reductions, 512-row matmul blocks, polynomial
+   exp, ELU backward from its output).
 
 Each variant is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -126,7 +127,7 @@ def interleaved(
 COMPILE_SETTINGS = [
     ("eager", False, None, False),
     ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}, False),
-    ("compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks)", True, None, True),
+    ("compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks, autograd ELU)", True, None, True),
     ("compiled (cpp_wrapper=True on CPU, the default)", True, None, False),
 ]
 
@@ -139,8 +140,8 @@ def _never(x: th.Tensor) -> bool:
 def plain_layers(enabled: bool) -> Any:
     """
     Trace (and run: torch.compile guards on it) the layers as the straightforward ``addmm``/``addmv``,
-    ``exp`` and unblocked matmuls, without ``policies.affine``'s shapes for Inductor (ELU's backward
-    still reads its output).
+    ``exp``, unblocked matmuls and autograd's own ELU backward, i.e. without any of the compiled-CPU
+    layer shapes of ``policies`` (``affine``, ``_exp``, ``_CompiledELU``).
     """
     if not enabled:
         yield

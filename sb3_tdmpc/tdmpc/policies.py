@@ -89,8 +89,8 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
 # * matmuls over many rows (the update's horizon x batch) run in blocks of _ROW_BLOCK rows, which
 #   MKL runs faster per FLOP here; the weight gradient stays one matmul;
 # * ELU's exp is Cody-Waite range reduction and Cephes' polynomial in plain elementwise ops (within
-#   1.5 ulp; Sleef's exp, which Inductor calls otherwise, is within 1 but slower), and its backward
-#   reads the output, as ATen's does, instead of recomputing the exp.
+#   2 ulp, tested; Inductor otherwise calls Sleef's 1-ulp exp), and its backward reads the output, as
+#   ATen's does, instead of recomputing the exp.
 # docs/performance.md measures each; tests/test_equivalence.py checks compiled against eager.
 
 _ROW_BLOCK = 512
@@ -118,19 +118,19 @@ def _compiling_for_cpu(x: th.Tensor) -> bool:
 
 def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     """
-    ``x @ weight_t + bias`` (``weight_t``: ``[in, out]``), as ``addmm``, or shaped for Inductor's
-    fusion while compiling for CPU.
+    ``x @ weight_t + bias`` (``weight_t``: ``[in, out]``): eager, ``addmm`` on a 2-D ``x``; while
+    compiling for CPU, any ``[..., in]`` ``x``, shaped for Inductor's fusion.
     """
     compiling = _compiling_for_cpu(x)
     if weight_t.shape[1] == 1:
         if compiling:
             return (x * weight_t[:, 0]).sum(-1, keepdim=True) + bias
         # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
-        return th.addmv(bias, x.reshape(-1, x.shape[-1]), weight_t[:, 0]).reshape(*x.shape[:-1], 1)
+        return th.addmv(bias, x, weight_t[:, 0]).unsqueeze(-1)
     if not compiling:
-        return th.addmm(bias, x, weight_t) if x.dim() == 2 else th.matmul(x, weight_t) + bias
+        return th.addmm(bias, x, weight_t)
     # `- (-bias)`: Inductor turns `mm + bias` back into addmm
-    rows = x.numel() // max(x.shape[-1], 1)
+    rows = x.shape[:-1].numel()
     if rows >= 2 * _ROW_BLOCK:
         product = _RowBlockedMatmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
         return (product - (-bias)).reshape(*x.shape[:-1], weight_t.shape[1])
@@ -167,7 +167,7 @@ class _CompiledELU(th.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        out = th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
+        out = _traced_elu(x)
         ctx.save_for_backward(out)
         return out
 
@@ -175,6 +175,11 @@ class _CompiledELU(th.autograd.Function):
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
         (out,) = ctx.saved_tensors
         return th.where(out > 0, grad, grad * (out + 1.0))
+
+
+def _traced_elu(x: th.Tensor) -> th.Tensor:
+    # _elu_inplace's formula, functional: one fused kernel when compiled
+    return th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
 
 
 def linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None) -> th.Tensor:
@@ -189,9 +194,9 @@ def elu_(x: th.Tensor) -> th.Tensor:
     if x.device.type != "cpu":
         return F.elu(x)
     if th.compiler.is_compiling():  # traced functionally: torch.compile fuses it into one kernel
-        if x.requires_grad and th.is_grad_enabled():
+        if _compiling_for_cpu(x) and x.requires_grad and th.is_grad_enabled():
             return _CompiledELU.apply(x)
-        return th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
+        return _traced_elu(x)
     if x.requires_grad and th.is_grad_enabled():
         return _ELU.apply(x)
     return _elu_inplace(x)
