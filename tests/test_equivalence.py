@@ -429,21 +429,24 @@ def test_compiled_paths_give_the_eager_results():
 
 @pytest.mark.slow
 def test_compiled_layers_match_plain_ones_on_large_batches():
-    """The compiled CPU layers (bias in the fused kernel, row-blocked matmul, polynomial exp, ELU
-    backward from its output, one-output layers as reductions): F.linear/F.elu values and gradients."""
-    from sb3_tdmpc.tdmpc.policies import affine, elu_
+    """The compiled CPU layers (bias in the fused kernel, row-blocked matmul, narrow inputs as fused
+    terms, polynomial exp, ELU backward from its output, one-output layers as reductions, a narrow
+    weight gradient as the GEMM's rows): F.linear/F.elu values and gradients."""
+    from sb3_tdmpc.tdmpc.policies import add_narrow_matmul, affine, elu_
 
     gen = th.Generator().manual_seed(0)
     x = th.randn(1100, 24, generator=gen).requires_grad_(True)  # 3 row blocks of at most 512
-    w1, w2 = th.randn(24, 16, generator=gen), th.randn(16, 1, generator=gen)
+    a = th.randn(1100, 3, generator=gen).requires_grad_(True)
+    w1, w_a = th.randn(24, 16, generator=gen), th.randn(3, 16, generator=gen)
+    w2 = th.randn(16, 1, generator=gen)
     b1, b2 = th.randn(16, generator=gen), th.randn(1, generator=gen)
-    params = [x, *(t.requires_grad_(True) for t in (w1, b1, w2, b2))]
+    params = [x, a, *(t.requires_grad_(True) for t in (w1, w_a, b1, w2, b2))]
 
-    def layers(x, w1, b1, w2, b2):
-        return affine(elu_(affine(x, w1, b1)), w2, b2)
+    def layers(x, a, w1, w_a, b1, w2, b2):
+        return affine(elu_(add_narrow_matmul(affine(x, w1, b1), a, w_a)), w2, b2)
 
-    def plain(x, w1, b1, w2, b2):
-        return F.linear(F.elu(F.linear(x, w1.t(), b1)), w2.t(), b2)
+    def plain(x, a, w1, w_a, b1, w2, b2):
+        return F.linear(F.elu(F.linear(th.cat([x, a], -1), th.cat([w1, w_a]).t(), b1)), w2.t(), b2)
 
     compiled = th.compile(layers, dynamic=False)(*params)
     expected = plain(*params)

@@ -137,6 +137,21 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     return th.matmul(x, weight_t) - (-bias)
 
 
+def add_narrow_matmul(base: th.Tensor, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    """
+    ``base + x @ weight_t`` for an ``x`` of a few columns (the action): eager, ``addmm`` (``baddbmm``
+    for a 3-D ``x``); while compiling for CPU, one scaled row of ``weight_t`` per column of ``x``,
+    which fuse into the next kernel (as a GEMM, K = 4 runs at a tenth of the floor's speed).
+    """
+    if _compiling_for_cpu(x):
+        for k in range(x.shape[-1]):
+            base = base + x[..., k : k + 1] * weight_t[k]
+        return base
+    if x.dim() == 3:
+        return th.baddbmm(base, x, weight_t.expand(x.shape[0], *weight_t.shape))
+    return th.addmm(base, x, weight_t)
+
+
 class _RowBlockedMatmul(th.autograd.Function):
     """
     ``x @ w`` with ``x`` and the input gradient in blocks of :data:`_ROW_BLOCK` rows: on CPU, MKL
@@ -154,7 +169,11 @@ class _RowBlockedMatmul(th.autograd.Function):
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
         x, weight_t = ctx.saved_tensors
         grad_x = _row_blocked_mm(grad, weight_t.t()) if ctx.needs_input_grad[0] else None
-        grad_w = th.mm(x.t(), grad) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            # A narrow output as the GEMM's rows: MKL takes 4 ms for [512, 3072] x [3072, 4], 1 ms this way.
+            narrow = weight_t.shape[1] < weight_t.shape[0]
+            grad_w = th.mm(grad.t(), x).t() if narrow else th.mm(x.t(), grad)
         return grad_x, grad_w
 
 
@@ -348,7 +367,7 @@ class QEnsemble(nn.Module):
         values = []
         for q in range(self.num_q):
             if split:
-                h = th.addmm(th.addmm(b1[q, 0], action, w1[q, latent_dim:]), z, w1[q, :latent_dim])
+                h = add_narrow_matmul(affine(z, w1[q, :latent_dim], b1[q, 0]), action, w1[q, latent_dim:])
             else:
                 h = affine(x, w1[q], b1[q, 0])
             norm_weight, norm_bias = self.norm_weight[q, 0], self.norm_bias[q, 0]
@@ -467,13 +486,16 @@ class WorldModel(nn.Module):
         weight, bias = self._fused_first_layer()
         latent_dim = z.shape[-1]
         # t = 0: W [z, a] + b = (W_z z + b) + W_a a, with W_z z + b per environment.
-        z_part = linear(z, weight[:, :latent_dim], bias).unsqueeze(1)
-        w_a = weight[:, latent_dim:].t().expand(num_envs, action_dim, -1)
-        hidden = th.baddbmm(z_part, actions[0], w_a).view(num_envs * num_seq, -1)
+        w_z, w_a = weight[:, :latent_dim], weight[:, latent_dim:].t()
+        z_part = linear(z, w_z, bias).unsqueeze(1)
+        hidden = add_narrow_matmul(z_part, actions[0], w_a).view(num_envs * num_seq, -1)
         for t in range(horizon):
             if t > 0:
-                za = th.cat([z, actions[t].reshape(num_envs * num_seq, -1)], dim=-1)
-                hidden = linear(za, weight, bias)
+                action = actions[t].reshape(num_envs * num_seq, action_dim)
+                if _compiling_for_cpu(z):  # the action's part fused into the ELU's kernel, no cat
+                    hidden = add_narrow_matmul(linear(z, w_z, bias), action, w_a)
+                else:
+                    hidden = linear(th.cat([z, action], dim=-1), weight, bias)
             z, reward = self._next_from_hidden(hidden)
             value, discount = value + discount * reward, discount * gamma
         return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)
@@ -652,6 +674,9 @@ class TDMPCPolicy(BasePolicy):
             if self.device.type == "cpu":
                 # Kernels launched from C++, not Python: plan 1.26x -> 1.20x the floor (docs/performance.md).
                 options["cpp_wrapper"] = True
+                # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (plan 1.24x ->
+                # 1.19x, docs/performance.md); rounding differs from eager's by float tolerance only.
+                options["cpp.enable_floating_point_contract_flag"] = "fast"
             self._compiled[name] = th.compile(fn, dynamic=False, options=options)
         return self._compiled[name]
 
