@@ -21,6 +21,7 @@ touches them all), and reported as the median ratio to the matmul floor measured
 round. Run from the repository root (compiling takes a few minutes the first time):
 
     python benchmarks/speed_experiments.py [--rounds 40] [--plan-rounds 15] [--skip-plan]
+    python benchmarks/speed_experiments.py --skip-chain --variant default --variant "plain layers"
 """
 
 from __future__ import annotations
@@ -122,36 +123,55 @@ def interleaved(
         )
 
 
-# (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
-#  plain layers: traced without the package's compiled-CPU layer shapes)
-COMPILE_SETTINGS = [
-    ("eager", False, None, False),
-    ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}, False),
-    ("compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks, autograd ELU)", True, None, True),
-    ("compiled (cpp_wrapper=True on CPU, the default)", True, None, False),
-]
-
-
 def _never(x: th.Tensor) -> bool:
     return False
 
 
+# The compiled-CPU layer shapes of ``policies`` switched off: with ``_compiling_for_cpu`` always
+# false, every layer is traced as the straightforward ``addmm``/``addmv``, ``exp``, unblocked matmul
+# and autograd's own ELU backward (no ``affine`` shapes, ``_exp``, ``_CompiledELU``).
+PLAIN_LAYERS = {"_compiling_for_cpu": _never}
+
+
+def _mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    return th.mm(x, weight_t)
+
+
+# The policy prior's step with each Q member's hidden-layer backward over all rows, not only those
+# that min(Q1, Q2)'s gradient reaches (``policies.mm_nonzero_rows``).
+ALL_ROWS = {"mm_nonzero_rows": _mm, "_mm_nonzero_rows_op": _mm}
+
+# (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
+#  attributes of ``policies`` replaced while tracing and running)
+COMPILE_SETTINGS = [
+    ("eager", False, None, {}),
+    ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
+    ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}, {}),
+    (
+        "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks, autograd ELU)",
+        True,
+        None,
+        PLAIN_LAYERS,
+    ),
+    ("compiled, Q backward over all rows in the policy step", True, None, ALL_ROWS),
+    ("compiled (cpp_wrapper=True on CPU, the default)", True, None, {}),
+]
+
+
 @contextlib.contextmanager
-def plain_layers(enabled: bool) -> Any:
+def patched(attributes: dict[str, Any]) -> Any:
     """
-    Trace (and run: torch.compile guards on it) the layers as the straightforward ``addmm``/``addmv``,
-    ``exp``, unblocked matmuls and autograd's own ELU backward, i.e. without any of the compiled-CPU
-    layer shapes of ``policies`` (``affine``, ``_exp``, ``_CompiledELU``).
+    ``policies`` with ``attributes`` replaced, while tracing and running: torch.compile guards on
+    them, and each replacement is one function object, so its guard holds from call to call.
     """
-    if not enabled:
-        yield
-        return
-    original = policies._compiling_for_cpu
-    policies._compiling_for_cpu = _never  # one function object: its guard holds from call to call
+    originals = {name: getattr(policies, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(policies, name, value)
     try:
         yield
     finally:
-        policies._compiling_for_cpu = original
+        for name, value in originals.items():
+            setattr(policies, name, value)
 
 
 def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
@@ -170,19 +190,24 @@ def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
     return model
 
 
-def plan_and_update_variants() -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
+def plan_and_update_variants(
+    selected: list[str] | None = None,
+) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
+    """Plan and update of each of COMPILE_SETTINGS (those whose name contains one of ``selected``)."""
     obs, data = th.randn(1, speed.OBS_DIM), speed.make_batch(5, th.device("cpu"))
     plans, updates = {}, {}
-    for name, torch_compile, options, plain in COMPILE_SETTINGS:
+    for name, torch_compile, options, patches in COMPILE_SETTINGS:
+        if selected and not any(part in name for part in selected):
+            continue
         model = compiled_model(torch_compile, options)
 
-        def update(model: Any = model, plain: bool = plain) -> None:
-            with plain_layers(plain):
+        def update(model: Any = model, patches: dict[str, Any] = patches) -> None:
+            with patched(patches):
                 _, latents = model._update_world_model(data)
                 model._update_policy_prior(latents, data.masks)
 
-        def plan(policy: Any = model.policy, plain: bool = plain) -> None:
-            with plain_layers(plain):
+        def plan(policy: Any = model.policy, patches: dict[str, Any] = patches) -> None:
+            with patched(patches):
                 policy.plan(obs, None, explore=True)
 
         plans[name], updates[name] = plan, update
@@ -196,18 +221,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40, help="rounds of the chain experiment")
     parser.add_argument("--plan-rounds", type=int, default=15, help="rounds of the plan/update experiments")
     parser.add_argument("--skip-plan", action="store_true", help="only the chain experiment")
+    parser.add_argument("--skip-chain", action="store_true", help="only the plan/update experiments")
+    parser.add_argument(
+        "--variant", action="append", default=None, help="plan/update variants whose name contains this"
+    )
     args = parser.parse_args()
     timer = speed.Timer(th.device("cpu"))
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, {th.get_num_threads()} threads, torch {th.__version__}")
 
-    matmuls_alone, variants = chain_variants()
-    print(
-        f"\nchain: {BLOCKS} x (Linear {WIDTH}->{WIDTH}, ELU) x 2 on {ROWS} rows; floor = the 10 matmuls alone"
-    )
-    interleaved(lambda: timer.time(matmuls_alone), variants, args.rounds)
+    if not args.skip_chain:
+        matmuls_alone, variants = chain_variants()
+        chain = f"{BLOCKS} x (Linear {WIDTH}->{WIDTH}, ELU) x 2 on {ROWS} rows"
+        print(f"\nchain: {chain}; floor = the 10 matmuls alone")
+        interleaved(lambda: timer.time(matmuls_alone), variants, args.rounds)
 
     if not args.skip_plan:
-        plans, updates = plan_and_update_variants()
+        plans, updates = plan_and_update_variants(args.variant)
         for what, variants in [("plan", plans), ("update", updates)]:
             gflop = speed.REFERENCE_GFLOP_H5[what]
             print(f"\n{what}: paper settings, horizon 5; floor = {gflop} GFLOP / matmul GFLOP/s (speed.py)")

@@ -401,6 +401,20 @@ def test_reference_flop_counts_are_the_issues():
     assert update_flops.get_total_flops() == 35_289_825_280
 
 
+def test_matmul_of_nonzero_rows_is_the_matmul():
+    """The policy prior's Q backward multiplies only the rows that min(Q1, Q2)'s gradient reaches."""
+    from sb3_tdmpc.tdmpc.policies import mm_nonzero_rows
+
+    gen = th.Generator().manual_seed(0)
+    x, weight_t = th.randn(1200, 8, generator=gen), th.randn(8, 5, generator=gen)
+    x[::3] = 0.0
+    x[7, 2] = float("nan")
+    got = mm_nonzero_rows(x, weight_t)
+    th.testing.assert_close(got, x @ weight_t, equal_nan=True)
+    assert (got[::3] == 0).all() and got[7].isnan().all()
+    assert (mm_nonzero_rows(th.zeros(4, 8), weight_t) == 0).all()
+
+
 @pytest.mark.slow
 def test_compiled_paths_give_the_eager_results():
     """``torch_compile=True``: the same plans, losses, priorities and weights (compiling takes minutes)."""

@@ -129,12 +129,18 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
         return th.addmv(bias, x, weight_t[:, 0]).unsqueeze(-1)
     if not compiling:
         return th.addmm(bias, x, weight_t)
-    # `- (-bias)`: Inductor turns `mm + bias` back into addmm
     rows = x.shape[:-1].numel()
     if rows >= 2 * _ROW_BLOCK:
         product = _RowBlockedMatmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
-        return (product - (-bias)).reshape(*x.shape[:-1], weight_t.shape[1])
-    return th.matmul(x, weight_t) - (-bias)
+        return add_bias(product, bias).reshape(*x.shape[:-1], weight_t.shape[1])
+    return add_bias(th.matmul(x, weight_t), bias)
+
+
+def add_bias(product: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """``product + bias``; while compiling for CPU, in the next fused kernel."""
+    if _compiling_for_cpu(product):
+        return product - (-bias)  # Inductor turns `mm + bias` back into addmm, which first copies the bias
+    return product + bias
 
 
 def add_narrow_matmul(base: th.Tensor, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
@@ -179,6 +185,46 @@ class _RowBlockedMatmul(th.autograd.Function):
 
 def _row_blocked_mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
     return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
+
+
+class _FrozenMatmul(th.autograd.Function):
+    """
+    ``x @ weight_t`` (2-D ``x``) for a frozen ``weight_t``, whose input gradient is computed only for
+    the rows where the output gradient is not all zero. In the policy prior's step the gradient of
+    min(Q1, Q2) reaches one member per row, so each member's hidden-layer backward skips about half
+    of the rows (:func:`mm_nonzero_rows`): the result is the same, with 1.6 of 35.3 GFLOP fewer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+        ctx.save_for_backward(weight_t)
+        if _compiling_for_cpu(x) and x.shape[0] >= 2 * _ROW_BLOCK:
+            return _row_blocked_mm(x, weight_t)
+        return th.mm(x, weight_t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, None]:
+        (weight_t,) = ctx.saved_tensors
+        matmul = _mm_nonzero_rows_op if th.compiler.is_compiling() else mm_nonzero_rows
+        return matmul(grad, weight_t.t()), None
+
+
+def mm_nonzero_rows(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    """``x @ weight_t``, with the matmul run on the rows of ``x`` that are not all zero."""
+    rows = x.ne(0).any(dim=1).nonzero().squeeze(1)  # NaN and inf rows are computed too
+    out = x.new_zeros(x.shape[0], weight_t.shape[1])
+    if len(rows):
+        out.index_copy_(0, rows, _row_blocked_mm(x.index_select(0, rows), weight_t))
+    return out
+
+
+# For torch.compile, an opaque op: the number of rows it multiplies depends on the data.
+_mm_nonzero_rows_op = th.library.custom_op("sb3_tdmpc::mm_nonzero_rows", mm_nonzero_rows, mutates_args=())
+
+
+@_mm_nonzero_rows_op.register_fake
+def _mm_nonzero_rows_fake(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
 class _CompiledELU(th.autograd.Function):
@@ -377,7 +423,11 @@ class QEnsemble(nn.Module):
                 h = h.sigmoid_().mul_(2.0).sub_(1.0)
             else:
                 h = tanh_(F.layer_norm(h, (self.hidden_dim,), norm_weight, norm_bias))
-            h = elu_(affine(h, w2[q], b2[q, 0]))
+            if split and h.device.type == "cpu" and not w2.requires_grad:
+                # The policy prior's step: min(Q1, Q2)'s gradient reaches one member per row.
+                h = elu_(add_bias(_FrozenMatmul.apply(h, w2[q]), b2[q, 0]))
+            else:
+                h = elu_(affine(h, w2[q], b2[q, 0]))
             values.append(affine(h, w3[q], b3[q, 0]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
