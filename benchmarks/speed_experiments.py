@@ -9,12 +9,14 @@ rerun them.
    compiled planner does), with ``mm`` and the bias added in the ELU kernel (no bias copy before
    the GEMM), and with Inductor's C++ GEMM template (``max_autotune``, CPP backend; reachable for
    non-constant weights only through ``bmm``), which can fuse the ELU into the GEMM's epilogue.
-2. ``plan`` and ``update`` at the paper settings (horizon 5): eager, and ``torch_compile=True``
-   with and without Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
-   Python: a planner iteration runs about 100 kernels), which ``TDMPCPolicy.compiled`` turns on
-   for CPU, and traced with plain layers instead of the compiled-CPU layer shapes of ``policies``
-   (bias in the fused kernel, one-output layers as reductions, 512-row matmul blocks, polynomial
-   exp, ELU backward from its output).
+2. ``plan`` and ``update`` at the paper settings (horizon 5), eager and ``torch_compile=True``,
+   each against variants without one of the choices that ``TDMPCPolicy.compiled`` and ``policies``
+   make on CPU: Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
+   Python: a planner iteration runs about 100 kernels); FMA contraction in Inductor's kernels; the
+   compiled-CPU layer shapes (bias in the fused kernel, one-output layers as reductions, 512-row
+   matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
+   as fused terms, a narrow weight gradient as the GEMM's rows), and, eager and compiled, the policy
+   prior step's Q backward over only the rows that min(Q1, Q2)'s gradient reaches.
 
 Each variant is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -141,12 +143,20 @@ def _mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
 # that min(Q1, Q2)'s gradient reaches (``policies.mm_nonzero_rows``).
 ALL_ROWS = {"mm_nonzero_rows": _mm, "_mm_nonzero_rows_op": _mm}
 
+# TDMPCPolicy.compiled's options on CPU.
+COMPILE_OPTIONS = {
+    "fallback_random": True,
+    "cpp_wrapper": True,
+    "cpp.enable_floating_point_contract_flag": "fast",
+}
+
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
 #  attributes of ``policies`` replaced while tracing and running)
 COMPILE_SETTINGS = [
     ("eager", False, None, {}),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
-    ("compiled, cpp_wrapper=False", True, {"fallback_random": True, "cpp_wrapper": False}, {}),
+    ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),
+    ("compiled, no FMA contraction", True, {"fallback_random": True, "cpp_wrapper": True}, {}),
     (
         "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks, autograd ELU)",
         True,
