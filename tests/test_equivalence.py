@@ -409,9 +409,11 @@ def test_matmul_of_nonzero_rows_is_the_matmul():
     x, weight_t = th.randn(1200, 8, generator=gen), th.randn(8, 5, generator=gen)
     x[::3] = 0.0
     x[7, 2] = float("nan")
+    x[10] = 0.0
+    x[10, 4] = 1e-30  # a row that is nonzero however small
     got = mm_nonzero_rows(x, weight_t)
     th.testing.assert_close(got, x @ weight_t, equal_nan=True)
-    assert (got[::3] == 0).all() and got[7].isnan().all()
+    assert (got[::3] == 0).all() and got[7].isnan().all() and (got[10] == x[10] @ weight_t).all()
     assert (mm_nonzero_rows(th.zeros(4, 8), weight_t) == 0).all()
 
 
