@@ -725,8 +725,8 @@ class TDMPCPolicy(BasePolicy):
             if self.device.type == "cpu":
                 # Kernels launched from C++, not Python: plan 1.26x -> 1.20x the floor (docs/performance.md).
                 options["cpp_wrapper"] = True
-                # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (plan 1.24x ->
-                # 1.19x, docs/performance.md); rounding differs from eager's by float tolerance only.
+                # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (update
+                # 1.39x -> 1.29x, docs/performance.md); rounding moves by float tolerance only.
                 options["cpp.enable_floating_point_contract_flag"] = "fast"
             self._compiled[name] = th.compile(fn, dynamic=False, options=options)
         return self._compiled[name]
