@@ -143,12 +143,7 @@ def _mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
 # that min(Q1, Q2)'s gradient reaches (``policies.mm_nonzero_rows``).
 ALL_ROWS = {"mm_nonzero_rows": _mm, "_mm_nonzero_rows_op": _mm}
 
-# TDMPCPolicy.compiled's options on CPU.
-COMPILE_OPTIONS = {
-    "fallback_random": True,
-    "cpp_wrapper": True,
-    "cpp.enable_floating_point_contract_flag": "fast",
-}
+COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
 #  attributes of ``policies`` replaced while tracing and running)
@@ -156,7 +151,12 @@ COMPILE_SETTINGS = [
     ("eager", False, None, {}),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),
-    ("compiled, no FMA contraction", True, {"fallback_random": True, "cpp_wrapper": True}, {}),
+    (
+        "compiled, no FMA contraction",
+        True,
+        {**COMPILE_OPTIONS, "cpp.enable_floating_point_contract_flag": "off"},
+        {},
+    ),
     (
         "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks, autograd ELU)",
         True,

@@ -563,6 +563,18 @@ class WorldModel(nn.Module):
         return noisy + (noisy.clamp(-1 + 1e-6, 1 - 1e-6) - noisy).detach()
 
 
+def compile_options(device: th.device) -> dict[str, Any]:
+    """Inductor options of the compiled planner and losses (``torch_compile=True``) on ``device``."""
+    options: dict[str, Any] = {"fallback_random": True}  # eager's random draws
+    if device.type == "cpu":
+        # Kernels launched from C++, not Python: plan 1.26x -> 1.20x the floor (docs/performance.md).
+        options["cpp_wrapper"] = True
+        # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (update 1.39x ->
+        # 1.29x, docs/performance.md); rounding moves by float tolerance only.
+        options["cpp.enable_floating_point_contract_flag"] = "fast"
+    return options
+
+
 class TDMPCPolicy(BasePolicy):
     """
     TD-MPC policy: the world model, its EMA target, and the planner that acts with them.
@@ -721,14 +733,7 @@ class TDMPCPolicy(BasePolicy):
         if not self.torch_compile:
             return fn
         if name not in self._compiled:
-            options = {"fallback_random": True}
-            if self.device.type == "cpu":
-                # Kernels launched from C++, not Python: plan 1.26x -> 1.20x the floor (docs/performance.md).
-                options["cpp_wrapper"] = True
-                # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (update
-                # 1.39x -> 1.29x, docs/performance.md); rounding moves by float tolerance only.
-                options["cpp.enable_floating_point_contract_flag"] = "fast"
-            self._compiled[name] = th.compile(fn, dynamic=False, options=options)
+            self._compiled[name] = th.compile(fn, dynamic=False, options=compile_options(self.device))
         return self._compiled[name]
 
     def target_encode(self, obs: th.Tensor) -> th.Tensor:
