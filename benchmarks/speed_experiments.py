@@ -131,7 +131,8 @@ def _never(x: th.Tensor) -> bool:
 
 # The compiled-CPU layer shapes of ``policies`` switched off: with ``_compiling_for_cpu`` always
 # false, every layer is traced as the straightforward ``addmm``/``addmv``, ``exp``, unblocked matmul
-# and autograd's own ELU backward (no ``affine`` shapes, ``_exp``, ``_CompiledELU``).
+# and autograd's own ELU backward (no ``affine`` shapes, ``_exp``, ``_CompiledELU``); the frozen Q's
+# backward over the nonzero rows stays (ALL_ROWS switches it off).
 PLAIN_LAYERS = {"_compiling_for_cpu": _never}
 
 

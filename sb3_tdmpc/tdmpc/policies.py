@@ -127,6 +127,10 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
             return (x * weight_t[:, 0]).sum(-1, keepdim=True) + bias
         # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
         return th.addmv(bias, x, weight_t[:, 0]).unsqueeze(-1)
+    frozen = x.requires_grad and not weight_t.requires_grad and th.is_grad_enabled()
+    if frozen and x.device.type == "cpu" and x.dim() == 2:
+        # A frozen weight (Q in the policy prior's step): the input gradient only where it is nonzero.
+        return add_bias(_FrozenMatmul.apply(x, weight_t), bias)
     if not compiling:
         return th.addmm(bias, x, weight_t)
     rows = x.shape[:-1].numel()
@@ -205,6 +209,7 @@ class _FrozenMatmul(th.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor, None]:
         (weight_t,) = ctx.saved_tensors
+        # Eager, the function itself, so that FlopCounterMode counts the rows it multiplies.
         matmul = _mm_nonzero_rows_op if th.compiler.is_compiling() else mm_nonzero_rows
         return matmul(grad, weight_t.t()), None
 
@@ -424,11 +429,7 @@ class QEnsemble(nn.Module):
                 h = h.sigmoid_().mul_(2.0).sub_(1.0)
             else:
                 h = tanh_(F.layer_norm(h, (self.hidden_dim,), norm_weight, norm_bias))
-            if split and h.device.type == "cpu" and not w2.requires_grad:
-                # The policy prior's step: min(Q1, Q2)'s gradient reaches one member per row.
-                h = elu_(add_bias(_FrozenMatmul.apply(h, w2[q]), b2[q, 0]))
-            else:
-                h = elu_(affine(h, w2[q], b2[q, 0]))
+            h = elu_(affine(h, w2[q], b2[q, 0]))
             values.append(affine(h, w3[q], b3[q, 0]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
