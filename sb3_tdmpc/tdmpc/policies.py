@@ -483,9 +483,13 @@ class WorldModel(nn.Module):
         return forward_mlp(self.reward, th.cat([z, action], dim=-1))
 
     def _fused_first_layer(self) -> tuple[th.Tensor, th.Tensor]:
-        """The first layers of d and R (same input (z, a)), stacked: ``[2 * mlp_dim, latent + action]``."""
+        """
+        The first layers of d and R (same input (z, a)) side by side, transposed: ``[latent + action,
+        2 * mlp_dim]`` and its bias. Row-major, so that each input's row (the action's, read by the
+        compiled kernels of :func:`add_narrow_matmul`) is contiguous.
+        """
         d, r = self.dynamics[0], self.reward[0]
-        return th.cat([d.weight, r.weight]), th.cat([d.bias, r.bias])
+        return th.cat([d.weight.t(), r.weight.t()], dim=1), th.cat([d.bias, r.bias])
 
     def _next_from_hidden(self, hidden: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """d and R after their (stacked, pre-activation) first layer ``[N, 2 * mlp_dim]``."""
@@ -513,8 +517,8 @@ class WorldModel(nn.Module):
         if not self._fast_next():
             return self.dynamics(za), self.reward(za)
         batch_shape = za.shape[:-1]
-        weight, bias = self._fused_first_layer()
-        z, r = self._next_from_hidden(linear(za.reshape(-1, za.shape[-1]), weight, bias))
+        weight_t, bias = self._fused_first_layer()
+        z, r = self._next_from_hidden(affine(za.reshape(-1, za.shape[-1]), weight_t, bias))
         # Explicit sizes: -1 is ambiguous for an empty batch (no policy trajectories, num_samples < 20).
         return z.reshape(*batch_shape, z.shape[-1]), r.reshape(*batch_shape, r.shape[-1])
 
@@ -535,19 +539,19 @@ class WorldModel(nn.Module):
                 z, reward = self.next(z, action)
                 value, discount = value + discount * reward, discount * gamma
             return value, z
-        weight, bias = self._fused_first_layer()
+        weight_t, bias = self._fused_first_layer()
         latent_dim = z.shape[-1]
         # t = 0: W [z, a] + b = (W_z z + b) + W_a a, with W_z z + b per environment.
-        w_z, w_a = weight[:, :latent_dim], weight[:, latent_dim:].t()
-        z_part = linear(z, w_z, bias).unsqueeze(1)
+        w_z, w_a = weight_t[:latent_dim], weight_t[latent_dim:]
+        z_part = affine(z, w_z, bias).unsqueeze(1)
         hidden = add_narrow_matmul(z_part, actions[0], w_a).view(num_envs * num_seq, -1)
         for t in range(horizon):
             if t > 0:
                 action = actions[t].reshape(num_envs * num_seq, action_dim)
                 if _compiling_for_cpu(z):  # the action's part fused into the ELU's kernel, no cat
-                    hidden = add_narrow_matmul(linear(z, w_z, bias), action, w_a)
+                    hidden = add_narrow_matmul(affine(z, w_z, bias), action, w_a)
                 else:
-                    hidden = linear(th.cat([z, action], dim=-1), weight, bias)
+                    hidden = affine(th.cat([z, action], dim=-1), weight_t, bias)
             z, reward = self._next_from_hidden(hidden)
             value, discount = value + discount * reward, discount * gamma
         return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)
@@ -573,6 +577,14 @@ def compile_options(device: th.device) -> dict[str, Any]:
         # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (update 1.39x ->
         # 1.29x, docs/performance.md); rounding moves by float tolerance only.
         options["cpp.enable_floating_point_contract_flag"] = "fast"
+        import torch._inductor.config as inductor_config
+
+        if hasattr(inductor_config, "custom_partitioner_fn"):  # newer torch
+            from sb3_tdmpc.common.inductor import SaveActivationsPartitioner
+
+            # The backward reads the forward's activations instead of recomputing LayerNorm, tanh
+            # and ELU from their inputs (update 1.33x -> 1.27x, docs/performance.md).
+            options["custom_partitioner_fn"] = SaveActivationsPartitioner()
     return options
 
 
