@@ -17,7 +17,8 @@ rerun them.
    matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
    as fused terms, a narrow weight gradient as the GEMM's rows), and, eager and compiled, the policy
    prior step's Q backward over only the rows that min(Q1, Q2)'s gradient reaches, and (update
-   only) the partitioner that saves the forward's activations for the backward.
+   only) the partitioner that saves the forward's activations for the backward, and Q's tanh as a
+   rational function instead of Inductor's sigmoid.
 
 Each variant is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -145,6 +146,14 @@ def _mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
 # that min(Q1, Q2)'s gradient reaches (``policies.mm_nonzero_rows``).
 ALL_ROWS = {"mm_nonzero_rows": _mm, "_mm_nonzero_rows_op": _mm}
 
+
+def _sigmoid_tanh(x: th.Tensor) -> th.Tensor:
+    return th.sigmoid(x * 2.0) * 2.0 - 1.0
+
+
+# tanh (Q's, after the LayerNorm) as Inductor's sigmoid, not the rational function (``_rational_tanh``).
+SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
+
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
@@ -166,6 +175,7 @@ COMPILE_SETTINGS = [
         PLAIN_LAYERS,
     ),
     ("compiled, Q backward over all rows in the policy step", True, None, ALL_ROWS),
+    ("compiled, tanh as 2 sigmoid(2x) - 1", True, None, SIGMOID_TANH),
     (
         "compiled, Inductor's partitioner (activations recomputed in the backward)",
         True,

@@ -492,6 +492,20 @@ def test_compiled_layers_match_plain_ones_on_large_batches():
 
 
 @pytest.mark.slow
+def test_compiled_tanh_is_within_six_ulp_of_tanh():
+    from sb3_tdmpc.tdmpc.policies import _rational_tanh, compile_options
+
+    tiny = th.logspace(-30, 1, 10_001)
+    x = th.cat([th.linspace(-12.0, 12.0, 1_000_001), tiny, -tiny])
+    tanh = th.compile(_rational_tanh, dynamic=False, options=compile_options(th.device("cpu")))
+    got, want = tanh(x).double(), th.tanh(x.double())
+    magnitude = want.float().abs()
+    ulp = (th.nextafter(magnitude, th.tensor(float("inf"))) - magnitude).double()
+    assert ((got - want).abs() / ulp).max().item() < 6
+    special = tanh(th.tensor([float("inf"), -float("inf"), float("nan")]))
+    assert th.allclose(special[:2], th.tensor([1.0, -1.0]), rtol=0, atol=3e-7) and special[2].isnan()
+
+
 def test_compiled_exp_is_within_two_ulp_of_exp():
     from sb3_tdmpc.tdmpc.policies import _exp
 
