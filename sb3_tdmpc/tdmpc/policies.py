@@ -906,13 +906,14 @@ class TDMPCPolicy(BasePolicy):
         """One MPPI iteration: sample, score, refit. :return: mean, std, elite scores, elite actions"""
         horizon, num_envs, action_dim = mean.shape
         noise = th.randn(horizon, num_envs, self.num_samples, action_dim, device=z.device)
-        actions = (mean.unsqueeze(2) + std.unsqueeze(2) * noise).clamp(-1, 1)
+        sampled = (mean.unsqueeze(2) + std.unsqueeze(2) * noise).clamp(-1, 1)
+        # The rollout reads the samples back from `actions` (compiled, a buffer: not recomputed per use).
+        actions = th.cat([sampled, pi_actions], dim=2)
         # G = sum_t gamma^t R(z_t, a_t) + gamma^H min Q(z_H, pi(z_H)): samples, then policy trajectories
-        value, z_end = self._rollout_return(z, actions)
+        value, z_end = self._rollout_return(z, actions[:, :, : self.num_samples])
         value, z_end = th.cat([value, pi_value], dim=1), th.cat([z_end, z_pi], dim=1)
         value = value + discount * self.model.q(z_end, self.model.pi(z_end, self.min_std)).min(dim=0).values
         value = value.squeeze(-1).nan_to_num(0.0)
-        actions = th.cat([actions, pi_actions], dim=2)
 
         elite_value, elite_idx = value.topk(self.num_elites, dim=1)
         elite_actions = actions.gather(2, elite_idx[None, :, :, None].expand(horizon, -1, -1, action_dim))
