@@ -16,9 +16,8 @@ rerun them.
    compiled-CPU layer shapes (bias in the fused kernel, one-output layers as reductions, 512-row
    matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
    as fused terms, a narrow weight gradient as the GEMM's rows), and, eager and compiled, the policy
-   prior step's Q backward over only the rows that min(Q1, Q2)'s gradient reaches, and (update
-   only) the partitioner that saves the forward's activations for the backward, and Q's tanh as a
-   rational function instead of Inductor's sigmoid.
+   prior step's Q backward over only the rows that min(Q1, Q2)'s gradient reaches, and Q's tanh as
+   a rational function instead of Inductor's sigmoid.
 
 Each variant is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -176,12 +175,6 @@ COMPILE_SETTINGS = [
     ),
     ("compiled, Q backward over all rows in the policy step", True, None, ALL_ROWS),
     ("compiled, tanh as 2 sigmoid(2x) - 1", True, None, SIGMOID_TANH),
-    (
-        "compiled, Inductor's partitioner (activations recomputed in the backward)",
-        True,
-        {name: value for name, value in COMPILE_OPTIONS.items() if name != "custom_partitioner_fn"},
-        {},
-    ),
     ("compiled (cpp_wrapper=True on CPU, the default)", True, None, {}),
 ]
 

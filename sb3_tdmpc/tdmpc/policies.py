@@ -621,14 +621,6 @@ def compile_options(device: th.device) -> dict[str, Any]:
         # a * b + c as one FMA: the polynomial exp of every ELU is a chain of them (update 1.39x ->
         # 1.29x, docs/performance.md); rounding moves by float tolerance only.
         options["cpp.enable_floating_point_contract_flag"] = "fast"
-        import torch._inductor.config as inductor_config
-
-        if hasattr(inductor_config, "custom_partitioner_fn"):  # newer torch
-            from sb3_tdmpc.common.inductor import SaveActivationsPartitioner
-
-            # The backward reads the forward's activations instead of recomputing LayerNorm, tanh
-            # and ELU from their inputs (update 1.33x -> 1.27x, docs/performance.md).
-            options["custom_partitioner_fn"] = SaveActivationsPartitioner()
     return options
 
 
