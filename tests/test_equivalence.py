@@ -506,6 +506,7 @@ def test_compiled_tanh_is_within_six_ulp_of_tanh():
     assert th.allclose(special[:2], th.tensor([1.0, -1.0]), rtol=0, atol=3e-7) and special[2].isnan()
 
 
+@pytest.mark.slow
 def test_compiled_exp_is_within_two_ulp_of_exp():
     from sb3_tdmpc.tdmpc.policies import _exp
 
