@@ -131,9 +131,9 @@ def _never(x: th.Tensor) -> bool:
 
 
 # The compiled-CPU layer shapes of ``policies`` switched off: with ``_compiling_for_cpu`` always
-# false, every layer is traced as the straightforward ``addmm``/``addmv``, ``exp``, unblocked matmul
-# and autograd's own ELU backward (no ``affine`` shapes, ``_exp``, ``_CompiledELU``); the frozen Q's
-# backward over the nonzero rows stays (ALL_ROWS switches it off).
+# false, every layer is traced as the straightforward ``addmm``/``addmv``, ``exp`` and unblocked
+# matmul (no ``affine`` shapes, ``_exp``); ELU's backward from its output (``_ELU``, eager's too) and
+# the frozen Q's backward over the nonzero rows stay (ALL_ROWS switches the latter off).
 PLAIN_LAYERS = {"_compiling_for_cpu": _never}
 
 
@@ -168,7 +168,7 @@ COMPILE_SETTINGS = [
         {},
     ),
     (
-        "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks, autograd ELU)",
+        "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks)",
         True,
         None,
         PLAIN_LAYERS,

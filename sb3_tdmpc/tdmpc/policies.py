@@ -45,12 +45,18 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
 
 
 class _ELU(th.autograd.Function):
-    """ELU over a fresh intermediate, in place (no saved tensor reads it), ATen's backward."""
+    """
+    ELU whose backward reads its output (ATen's): eager, in place over a fresh intermediate (no saved
+    tensor reads it); while compiling, traced functionally (no exp to recompute in the backward).
+    """
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        ctx.mark_dirty(x)
-        out = _elu_inplace(x)
+        if th.compiler.is_compiling():
+            out = _traced_elu(x)
+        else:
+            ctx.mark_dirty(x)
+            out = _elu_inplace(x)
         ctx.save_for_backward(out)
         return out
 
@@ -61,12 +67,15 @@ class _ELU(th.autograd.Function):
 
 
 class _Tanh(th.autograd.Function):
-    """tanh over a fresh intermediate, in place (no saved tensor reads it), ATen's backward."""
+    """tanh whose backward reads its output (ATen's): eager, in place; while compiling, rational."""
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        ctx.mark_dirty(x)
-        out = x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+        if th.compiler.is_compiling():
+            out = _rational_tanh(x)
+        else:
+            ctx.mark_dirty(x)
+            out = _sigmoid_tanh_(x)
         ctx.save_for_backward(out)
         return out
 
@@ -74,6 +83,11 @@ class _Tanh(th.autograd.Function):
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
         (out,) = ctx.saved_tensors
         return th.ops.aten.tanh_backward(grad, out)
+
+
+def _sigmoid_tanh_(x: th.Tensor) -> th.Tensor:
+    # tanh(x) = 2 sigmoid(2x) - 1, in place: ATen's sigmoid is faster than its tanh on CPU (docs)
+    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
 
 
 def _elu_inplace(x: th.Tensor) -> th.Tensor:
@@ -89,13 +103,20 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
 # * matmuls over many rows (the update's horizon x batch) run in blocks of _ROW_BLOCK rows, which
 #   MKL runs faster per FLOP here; the weight gradient stays one matmul;
 # * ELU's exp is Cody-Waite range reduction and Cephes' polynomial in plain elementwise ops (within
-#   2 ulp, tested; Inductor otherwise calls Sleef's 1-ulp exp), and its backward reads the output, as
-#   ATen's does, instead of recomputing the exp.
+#   2 ulp, tested; Inductor otherwise calls Sleef's 1-ulp exp), and its backward reads the output
+#   (ATen's, as eager), instead of recomputing the exp; tanh is a rational function, no exp at all.
 # docs/performance.md measures each; tests/test_equivalence.py checks compiled against eager.
 
 _ROW_BLOCK = 512
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
-_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 0.5)
+_EXP_POLY = (  # Cephes' expf, in ascending powers
+    0.5,
+    1.6666665459e-1,
+    4.1665795894e-2,
+    8.3334519073e-3,
+    1.3981999507e-3,
+    1.9875691500e-4,
+)
 
 
 def _exp(x: th.Tensor) -> th.Tensor:
@@ -105,9 +126,7 @@ def _exp(x: th.Tensor) -> th.Tensor:
     x = x.clamp(min=-87.0)  # exp(-87) ~ 1.6e-38, the smallest normal float; ELU is -1 there anyway
     n = th.floor(x * _LOG2E + 0.5)
     r = x - n * _LN2_HI - n * _LN2_LO  # x = n ln2 + r, |r| <= ln2 / 2
-    poly = r * _EXP_POLY[0]
-    for coefficient in _EXP_POLY[1:]:
-        poly = (poly + coefficient) * r
+    poly = _horner(r, _EXP_POLY) * r
     two_to_n = ((n + 127.0) * 8388608.0).to(th.int32).view(th.float32)  # 2^n: the exponent bits
     return (poly * r + r + 1.0) * two_to_n
 
@@ -262,36 +281,6 @@ def _mm_nonzero_rows_fake(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
     return x.new_empty(x.shape[0], weight_t.shape[1])
 
 
-class _CompiledTanh(th.autograd.Function):
-    """:func:`_rational_tanh`, whose backward is tanh's, 1 - tanh^2, from the output."""
-
-    @staticmethod
-    def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        out = _rational_tanh(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
-        (out,) = ctx.saved_tensors
-        return grad * (1.0 - out * out)
-
-
-class _CompiledELU(th.autograd.Function):
-    """ELU traced for torch.compile, whose backward reads the output (as ATen's): no exp to recompute."""
-
-    @staticmethod
-    def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        out = _traced_elu(x)
-        ctx.save_for_backward(out)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
-        (out,) = ctx.saved_tensors
-        return th.where(out > 0, grad, grad * (out + 1.0))
-
-
 def _traced_elu(x: th.Tensor) -> th.Tensor:
     # _elu_inplace's formula, functional: one fused kernel when compiled
     return th.maximum(x, _exp(x.clamp(max=0.0)) - 1.0)
@@ -308,24 +297,20 @@ def elu_(x: th.Tensor) -> th.Tensor:
     """ELU (alpha 1) of a fresh intermediate ``x`` (the output of a linear layer), which it overwrites."""
     if x.device.type != "cpu":
         return F.elu(x)
-    if th.compiler.is_compiling():  # traced functionally: torch.compile fuses it into one kernel
-        if _compiling_for_cpu(x) and x.requires_grad and th.is_grad_enabled():
-            return _CompiledELU.apply(x)
-        return _traced_elu(x)
     if x.requires_grad and th.is_grad_enabled():
         return _ELU.apply(x)
-    return _elu_inplace(x)
+    # compiling, traced functionally: torch.compile fuses it into one kernel
+    return _traced_elu(x) if th.compiler.is_compiling() else _elu_inplace(x)
 
 
 def tanh_(x: th.Tensor) -> th.Tensor:
     """tanh of a fresh intermediate ``x``, which it overwrites."""
     if x.device.type != "cpu":
         return th.tanh(x)
-    if th.compiler.is_compiling():  # Inductor's tanh and sigmoid (Sleef's exp) cost more than Q's LayerNorm
-        return _CompiledTanh.apply(x) if x.requires_grad and th.is_grad_enabled() else _rational_tanh(x)
     if x.requires_grad and th.is_grad_enabled():
         return _Tanh.apply(x)
-    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+    # compiling, rational: Inductor's tanh and sigmoid (Sleef's exp) cost more than Q's LayerNorm
+    return _rational_tanh(x) if th.compiler.is_compiling() else _sigmoid_tanh_(x)
 
 
 def is_elu_mlp(net: nn.Module) -> bool:
