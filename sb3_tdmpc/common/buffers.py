@@ -86,14 +86,16 @@ class SumTree:
         u = np.asarray(prefix_sums, dtype=np.float64)
         shape = u.shape
         u = np.clip(u.reshape(-1), 0.0, np.nextafter(total, 0.0))
+        children = self.nodes.reshape(-1, 2)  # row n: the children 2n, 2n + 1 of node n
         nodes = np.ones(u.shape, dtype=np.int64)
         for _ in range(self.depth):
-            left = self.nodes[2 * nodes]
-            right = self.nodes[2 * nodes + 1]
-            # A zero-mass child is never entered, whatever round-off did to u.
-            go_right = ((u >= left) & (right > 0)) | (left <= 0)
-            u = np.where(go_right, u - left, u)
-            nodes = 2 * nodes + go_right
+            left, right = children.take(nodes, axis=0).T
+            # A zero-mass child is never entered, whatever round-off did to u: with u >= 0, a
+            # zero-mass left child is always passed, and a zero-mass right one never taken.
+            go_right = (u >= left) & (right > 0)
+            np.subtract(u, left, out=u, where=go_right)
+            nodes <<= 1
+            nodes += go_right
         return (nodes - self.n_leaves).reshape(shape)
 
 
