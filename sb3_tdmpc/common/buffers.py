@@ -64,11 +64,12 @@ class SumTree:
         rev_unique, rev_first = np.unique(leaf_indices[::-1], return_index=True)
         nodes = rev_unique + self.n_leaves
         self.nodes[nodes] = values[::-1][rev_first]
+        children = self.nodes.reshape(-1, 2)  # row n: the children 2n, 2n + 1 of node n
         for _ in range(self.depth):
-            nodes = nodes >> 1
-            # ``nodes`` stays sorted, so dropping repeated parents is cheaper than np.unique.
-            nodes = nodes[np.concatenate(([True], nodes[1:] != nodes[:-1]))]
-            self.nodes[nodes] = self.nodes[2 * nodes] + self.nodes[2 * nodes + 1]
+            # A repeated parent is written twice with the same sum: cheaper than dropping repeats.
+            nodes >>= 1
+            pair = children.take(nodes, axis=0)
+            self.nodes[nodes] = pair[:, 0] + pair[:, 1]
 
     def find(self, prefix_sums: np.ndarray) -> np.ndarray:
         """
