@@ -466,29 +466,34 @@ def test_compiled_paths_give_the_eager_results():
 @pytest.mark.slow
 def test_compiled_layers_match_plain_ones_on_large_batches():
     """The compiled CPU layers (bias in the fused kernel, row-blocked matmul, narrow inputs as fused
-    terms, polynomial exp, ELU backward from its output, one-output layers as reductions, a narrow
-    weight gradient as the GEMM's rows): F.linear/F.elu values and gradients."""
+    terms, polynomial exp, ELU backward from its output, one-output layers as reductions, weight
+    gradients in the weight's own layout): F.linear/F.elu values and gradients."""
     from sb3_tdmpc.tdmpc.policies import add_narrow_matmul, affine, elu_
 
     gen = th.Generator().manual_seed(0)
     x = th.randn(1100, 24, generator=gen).requires_grad_(True)  # 3 row blocks of at most 512
     a = th.randn(1100, 3, generator=gen).requires_grad_(True)
-    w1, w_a = th.randn(24, 16, generator=gen), th.randn(3, 16, generator=gen)
-    w2 = th.randn(16, 1, generator=gen)
-    b1, b2 = th.randn(16, generator=gen), th.randn(1, generator=gen)
-    params = [x, a, *(t.requires_grad_(True) for t in (w1, w_a, b1, w2, b2))]
+    w1, w_a = th.randn(24, 16, generator=gen) / 5, th.randn(3, 16, generator=gen) / 5  # [in, out], as Q's
+    w2 = th.randn(20, 16, generator=gen) / 4  # [out, in], as nn.Linear's: used transposed
+    w3 = th.randn(20, 1, generator=gen) / 4
+    b1, b2, b3 = th.randn(16, generator=gen), th.randn(20, generator=gen), th.randn(1, generator=gen)
+    params = [x, a, *(t.requires_grad_(True) for t in (w1, w_a, b1, w2, b2, w3, b3))]
 
-    def layers(x, a, w1, w_a, b1, w2, b2):
-        return affine(elu_(add_narrow_matmul(affine(x, w1, b1), a, w_a)), w2, b2)
+    def layers(x, a, w1, w_a, b1, w2, b2, w3, b3):
+        hidden = elu_(affine(elu_(add_narrow_matmul(affine(x, w1, b1), a, w_a)), w2.t(), b2))
+        return affine(hidden, w3, b3)
 
-    def plain(x, a, w1, w_a, b1, w2, b2):
-        return F.linear(F.elu(F.linear(th.cat([x, a], -1), th.cat([w1, w_a]).t(), b1)), w2.t(), b2)
+    def plain(x, a, w1, w_a, b1, w2, b2, w3, b3):
+        hidden = F.elu(F.linear(F.elu(F.linear(th.cat([x, a], -1), th.cat([w1, w_a]).t(), b1)), w2, b2))
+        return F.linear(hidden, w3.t(), b3)
 
     compiled = th.compile(layers, dynamic=False)(*params)
     expected = plain(*params)
     assert close(compiled, expected)
     got, want = gradients(compiled.square().sum(), params), gradients(expected.square().sum(), params)
     assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
+    # Each weight's gradient in the weight's own layout: AccumulateGrad copies any other.
+    assert all(g.stride() == p.stride() for g, p in zip(got[2:], params[2:], strict=True) if p.dim() == 2)
 
 
 @pytest.mark.slow

@@ -229,9 +229,11 @@ class _RowBlockedMatmul(th.autograd.Function):
         grad_x = _row_blocked_mm(grad, weight_t.t()) if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            # A narrow output (the policy's 4 actions) as the GEMM's rows: MKL runs x^T g slowly for it.
-            narrow = weight_t.shape[1] < weight_t.shape[0]
-            grad_w = th.mm(grad.t(), x).t() if narrow else th.mm(x.t(), grad)
+            # In weight_t's own layout: an nn.Linear weight's (weight.t(), column-major) as (g^T x)^T,
+            # so that the parameter receives a gradient with its own strides (AccumulateGrad copies
+            # any other). MKL also runs x^T g slowly for a narrow output (the policy's 4 actions).
+            column_major = weight_t.stride(0) < weight_t.stride(1)
+            grad_w = th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
         return grad_x, grad_w
 
 
