@@ -9,7 +9,11 @@ rerun them.
    compiled planner does), with ``mm`` and the bias added in the ELU kernel (no bias copy before
    the GEMM), and with Inductor's C++ GEMM template (``max_autotune``, CPP backend; reachable for
    non-constant weights only through ``bmm``), which can fuse the ELU into the GEMM's epilogue.
-2. ``plan`` and ``update`` at the paper settings (horizon 5), eager and ``torch_compile=True``,
+2. ``buffer``: the sum tree's ``find`` (512 stratified draws) and ``update`` (512 leaves) on 1M
+   leaves, as ``sample_sequences`` and ``update_priorities`` call them, against the per-level code
+   they replaced on Nov 30 (two gathers and three guards per level; repeated parents dropped per
+   level), with the same results.
+3. ``plan`` and ``update`` at the paper settings (horizon 5), eager and ``torch_compile=True``,
    each against variants without one of the choices that ``TDMPCPolicy.compiled`` and ``policies``
    make on CPU: Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
    Python: a planner iteration runs about 100 kernels); FMA contraction in Inductor's kernels; the
@@ -25,6 +29,7 @@ round. Run from the repository root (compiling takes a few minutes the first tim
 
     python benchmarks/speed_experiments.py [--rounds 40] [--plan-rounds 15] [--skip-plan]
     python benchmarks/speed_experiments.py --skip-chain --variant default --variant "plain layers"
+    python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 300
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch as th
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py: model, timer and floor of the speed benchmark)
 
+from sb3_tdmpc.common.buffers import SumTree  # noqa: E402
 from sb3_tdmpc.tdmpc import policies  # noqa: E402
 from sb3_tdmpc.tdmpc.policies import elu_  # noqa: E402
 
@@ -124,6 +131,57 @@ def interleaved(
             f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | "
             f"**{statistics.median(ratios[name]):.2f}** | {min(ratios[name]):.2f} |"
         )
+
+
+def _find_two_gathers(tree: SumTree, prefix_sums: np.ndarray) -> np.ndarray:
+    """``SumTree.find`` before Nov 30: two gathers and three guards per level."""
+    u = np.clip(prefix_sums, 0.0, np.nextafter(tree.total, 0.0))
+    nodes = np.ones(u.shape, dtype=np.int64)
+    for _ in range(tree.depth):
+        left, right = tree.nodes[2 * nodes], tree.nodes[2 * nodes + 1]
+        go_right = ((u >= left) & (right > 0)) | (left <= 0)
+        u = np.where(go_right, u - left, u)
+        nodes = 2 * nodes + go_right
+    return nodes - tree.n_leaves
+
+
+def _update_dropping_repeats(tree: SumTree, leaf_indices: np.ndarray, values: np.ndarray) -> None:
+    """``SumTree.update`` before Nov 30: repeated parents dropped at every level."""
+    rev_unique, rev_first = np.unique(leaf_indices[::-1], return_index=True)
+    nodes = rev_unique + tree.n_leaves
+    tree.nodes[nodes] = values[::-1][rev_first]
+    for _ in range(tree.depth):
+        nodes = nodes >> 1
+        nodes = nodes[np.concatenate(([True], nodes[1:] != nodes[:-1]))]
+        tree.nodes[nodes] = tree.nodes[2 * nodes] + tree.nodes[2 * nodes + 1]
+
+
+def buffer_experiment(rounds: int, leaves: int = 1_000_000, batch: int = 512) -> None:
+    """Sum tree ``find`` and ``update`` against the code they replaced, interleaved, same results."""
+    rng = np.random.default_rng(0)
+    trees = [SumTree(leaves), SumTree(leaves)]
+    for tree in trees:
+        tree.update(np.arange(leaves), rng.random(leaves) + 0.01)
+    times: dict[str, list[float]] = {}
+
+    def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        start = time.perf_counter()
+        result = fn(*args)
+        times.setdefault(name, []).append(time.perf_counter() - start)
+        return result
+
+    for _ in range(rounds):
+        u = (np.arange(batch) + rng.random(batch)) * (trees[0].total / batch)  # as sample_sequences
+        found = timed("find (this package)", trees[0].find, u)
+        assert np.array_equal(found, timed("find, before", _find_two_gathers, trees[0], u))
+        indices, values = rng.integers(0, leaves, batch), rng.random(batch) * 2
+        timed("update (this package)", trees[0].update, indices, values)
+        timed("update, before", _update_dropping_repeats, trees[1], indices, values)
+        assert np.array_equal(trees[0].nodes, trees[1].nodes)
+    print("| variant | median ms | min ms |")
+    print("|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {statistics.median(values) * 1e3:.3f} | {min(values) * 1e3:.3f} |")
 
 
 def _never(x: th.Tensor) -> bool:
@@ -241,8 +299,9 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=40, help="rounds of the chain experiment")
     parser.add_argument("--plan-rounds", type=int, default=15, help="rounds of the plan/update experiments")
-    parser.add_argument("--skip-plan", action="store_true", help="only the chain experiment")
-    parser.add_argument("--skip-chain", action="store_true", help="only the plan/update experiments")
+    parser.add_argument("--skip-plan", action="store_true", help="no plan/update experiments")
+    parser.add_argument("--skip-chain", action="store_true", help="no chain experiment")
+    parser.add_argument("--buffer-rounds", type=int, default=200, help="buffer experiment rounds (0: none)")
     parser.add_argument(
         "--variant", action="append", default=None, help="plan/update variants whose name contains this"
     )
@@ -255,6 +314,10 @@ def main() -> None:
         chain = f"{BLOCKS} x (Linear {WIDTH}->{WIDTH}, ELU) x 2 on {ROWS} rows"
         print(f"\nchain: {chain}; floor = the 10 matmuls alone")
         interleaved(lambda: timer.time(matmuls_alone), variants, args.rounds)
+
+    if args.buffer_rounds > 0:
+        print("\nbuffer: sum tree of 1M leaves; find: 512 stratified draws, update: 512 leaves")
+        buffer_experiment(args.buffer_rounds)
 
     if not args.skip_plan:
         plans, updates = plan_and_update_variants(args.variant)
