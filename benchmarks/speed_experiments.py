@@ -159,9 +159,9 @@ def _update_dropping_repeats(tree: SumTree, leaf_indices: np.ndarray, values: np
 def buffer_experiment(rounds: int, leaves: int = 1_000_000, batch: int = 512) -> None:
     """Sum tree ``find`` and ``update`` against the code they replaced, interleaved, same results."""
     rng = np.random.default_rng(0)
-    trees = [SumTree(leaves), SumTree(leaves)]
+    trees, priorities = [SumTree(leaves), SumTree(leaves)], rng.random(leaves) + 0.01
     for tree in trees:
-        tree.update(np.arange(leaves), rng.random(leaves) + 0.01)
+        tree.update(np.arange(leaves), priorities)
     times: dict[str, list[float]] = {}
 
     def timed(name: str, fn: Callable[..., Any], *args: Any) -> Any:
