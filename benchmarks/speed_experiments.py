@@ -19,7 +19,7 @@ rerun them.
    Python: a planner iteration runs about 100 kernels); FMA contraction in Inductor's kernels; the
    compiled-CPU layer shapes (bias in the fused kernel, one-output layers as reductions, 512-row
    matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
-   as fused terms, a narrow weight gradient as the GEMM's rows), and, eager and compiled, the policy
+   as fused terms, weight gradients in the weight's own layout), and, eager and compiled, the policy
    prior step's Q backward over only the rows that min(Q1, Q2)'s gradient reaches, and Q's tanh as
    a rational function instead of Inductor's sigmoid.
 
