@@ -19,9 +19,9 @@ rerun them.
    Python: a planner iteration runs about 100 kernels); FMA contraction in Inductor's kernels; the
    compiled-CPU layer shapes (bias in the fused kernel, one-output layers as reductions, 512-row
    matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
-   as fused terms, weight gradients in the weight's own layout), and, eager and compiled, the policy
-   prior step's Q backward over only the rows that min(Q1, Q2)'s gradient reaches, and Q's tanh as
-   a rational function instead of Inductor's sigmoid.
+   as fused terms, weight gradients in the weight's own layout, a one-output layer's weight gradient
+   as a matmul), and, eager and compiled, the policy prior step's Q backward over only the rows that
+   min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function instead of Inductor's sigmoid.
 
 Each variant is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -204,6 +204,17 @@ def _mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
 ALL_ROWS = {"mm_nonzero_rows": _mm, "_mm_nonzero_rows_op": _mm}
 
 
+class _RowDotByAutograd:
+    """``policies._RowDot`` with autograd's backward (Inductor: a column reduction for the weight)."""
+
+    @staticmethod
+    def apply(x: th.Tensor, w: th.Tensor) -> th.Tensor:
+        return (x * w).sum(-1, keepdim=True)
+
+
+COLUMN_REDUCTION = {"_RowDot": _RowDotByAutograd}
+
+
 def _sigmoid_tanh(x: th.Tensor) -> th.Tensor:
     return th.sigmoid(x * 2.0) * 2.0 - 1.0
 
@@ -233,6 +244,7 @@ COMPILE_SETTINGS = [
     ),
     ("compiled, Q backward over all rows in the policy step", True, None, ALL_ROWS),
     ("compiled, tanh as 2 sigmoid(2x) - 1", True, None, SIGMOID_TANH),
+    ("compiled, one-output layers' weight gradient as a column reduction", True, None, COLUMN_REDUCTION),
     ("compiled (cpp_wrapper=True on CPU, the default)", True, None, {}),
 ]
 

@@ -172,7 +172,7 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     compiling = _compiling_for_cpu(x)
     if weight_t.shape[1] == 1:
         if compiling:
-            return (x * weight_t[:, 0]).sum(-1, keepdim=True) + bias
+            return _RowDot.apply(x, weight_t[:, 0]) + bias
         # [N, hidden] x [hidden, 1]: a matrix-vector product (as a matmul with N=1 it is 10x slower)
         return th.addmv(bias, x, weight_t[:, 0]).unsqueeze(-1)
     frozen = x.requires_grad and not weight_t.requires_grad and th.is_grad_enabled()
@@ -186,6 +186,28 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
         product = _RowBlockedMatmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
         return add_bias(product, bias).reshape(*x.shape[:-1], weight_t.shape[1])
     return add_bias(th.matmul(x, weight_t), bias)
+
+
+class _RowDot(th.autograd.Function):
+    """
+    ``x @ w`` for a vector ``w`` (a one-output layer) as a row reduction, which torch.compile fuses
+    with the kernel that computes ``x``. The weight gradient ``g^T x`` is a matmul: Inductor would
+    run it as a column reduction, one strided pass over ``x`` per 8 columns, many times slower.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, w: th.Tensor) -> th.Tensor:
+        ctx.save_for_backward(x, w)
+        return (x * w).sum(-1, keepdim=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
+        x, w = ctx.saved_tensors
+        grad_x = grad * w if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = th.mm(grad.reshape(1, -1), x.reshape(-1, x.shape[-1]))[0]
+        return grad_x, grad_w
 
 
 def add_bias(product: th.Tensor, bias: th.Tensor) -> th.Tensor:
