@@ -99,9 +99,10 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
 # one kernel; the helpers below shape the traced graph for it:
 # * a linear layer is ``mm(x, W^T)``, its bias added in the next fused kernel (``addmm`` first copies
 #   the bias into its whole output: one more pass over memory per layer);
-# * a one-output layer (reward, Q) is a row reduction fused with the ELU before it, not an N=1 GEMM;
+# * a one-output layer (reward, Q) is a row reduction fused with the ELU before it, not an N=1 GEMM,
+#   and its weight gradient a one-row matmul, not Inductor's column reduction (_RowDot);
 # * matmuls over many rows (the update's horizon x batch) run in blocks of _ROW_BLOCK rows, which
-#   MKL runs faster per FLOP here; the weight gradient stays one matmul;
+#   MKL runs faster per FLOP here; the weight gradient stays one matmul, in the weight's own layout;
 # * ELU's exp is Cody-Waite range reduction and Cephes' polynomial in plain elementwise ops (within
 #   2 ulp, tested; Inductor otherwise calls Sleef's 1-ulp exp), and its backward reads the output
 #   (ATen's, as eager), instead of recomputing the exp; tanh is a rational function, no exp at all.
