@@ -305,6 +305,136 @@ def plan_and_update_variants(
     return plans, updates
 
 
+def floor_matmul_hot_and_cold(rounds: int, pool_bytes: float = 256e6) -> None:
+    """
+    The floor's matmul (speed.MATMUL_SHAPE) on one pair of operands, called again and again (as
+    ``speed.matmul_gflops`` measures it: the operands stay in cache), and on pairs taken in turn from a
+    pool larger than the L3 cache, so that every call reads its operands from memory, as a matmul of
+    the update does with the activations of the layer before.
+    """
+    m, k, n = speed.MATMUL_SHAPE
+    pairs = int(pool_bytes // (4 * (m * k + k * n)))
+    pool = [(th.randn(m, k), th.randn(k, n)) for _ in range(pairs)]
+    times: dict[str, list[float]] = {"hot": [], "cold": []}
+    for round_index in range(rounds):
+        a, b = pool[0]
+        for _ in range(3):
+            th.mm(a, b)
+        start = time.perf_counter()
+        for _ in range(10):
+            th.mm(a, b)
+        times["hot"].append((time.perf_counter() - start) / 10)
+        start = time.perf_counter()
+        for i in range(10):
+            th.mm(*pool[(10 * round_index + i) % pairs])
+        times["cold"].append((time.perf_counter() - start) / 10)
+    hot = speed.MATMUL_FLOP / statistics.median(times["hot"]) / 1e9
+    cold = speed.MATMUL_FLOP / statistics.median(times["cold"]) / 1e9
+    print("| operands | matmul GFLOP/s (median) | x hot |\n|---|---|---|")
+    print(f"| hot (the floor's) | {hot:.0f} | 1.00 |")
+    print(f"| cold ({pairs} pairs, {pool_bytes / 1e6:.0f} MB) | {cold:.0f} | {cold / hot:.2f} |")
+
+
+class _GemmClock:
+    """
+    The time and FLOPs of every matmul that a compiled plan or update runs, as Inductor's Python
+    wrapper calls them (``extern_kernels``; ``cpp_wrapper=False``) and through the nonzero-row op,
+    split into full-width ones (every dimension >= 512) and narrow ones (the 39-, 50-, 54- and
+    4-wide layers, the 25 policy trajectories, the one-row weight gradients).
+    """
+
+    def __init__(self) -> None:
+        import torch._inductor.select_algorithm as select_algorithm
+
+        self.kernels = select_algorithm.extern_kernels
+        self.originals = {name: getattr(self.kernels, name) for name in ("mm", "addmm", "bmm")}
+        self.on = False
+        self.calls = {"full": 0, "narrow": 0}
+        self.seconds = {"full": 0.0, "narrow": 0.0}
+        self.flop = {"full": 0.0, "narrow": 0.0}
+        for name, fn in self.originals.items():
+            setattr(self.kernels, name, self._timed(fn))
+        nonzero_rows = self._timed(policies.mm_nonzero_rows, nonzero=True)
+        policies._mm_nonzero_rows_op.register_kernel("cpu", nonzero_rows)
+
+    def _timed(self, fn: Callable[..., th.Tensor], nonzero: bool = False) -> Callable[..., th.Tensor]:
+        def timed(*args: Any, **kwargs: Any) -> th.Tensor:
+            if not self.on:
+                return fn(*args, **kwargs)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            elapsed = time.perf_counter() - start
+            a, b = [arg for arg in args if isinstance(arg, th.Tensor)][-2:]
+            rows = int(a.abs().sum(-1).ne(0).sum()) if nonzero else a.shape[:-1].numel()
+            kind = "full" if min(rows, a.shape[-1], b.shape[-1]) >= 512 else "narrow"
+            self.calls[kind] += 1
+            self.seconds[kind] += elapsed
+            self.flop[kind] += 2 * rows * a.shape[-1] * b.shape[-1]
+            return out
+
+        return timed
+
+    def reset(self) -> None:
+        for totals in (self.calls, self.seconds, self.flop):
+            totals.update(full=0, narrow=0)
+
+    def close(self) -> None:
+        for name, fn in self.originals.items():
+            setattr(self.kernels, name, fn)
+        policies._mm_nonzero_rows_op.register_kernel("cpu", policies.mm_nonzero_rows)
+
+
+def gemm_accounting(rounds: int) -> None:
+    """
+    How long the compiled plan's and update's matmuls take where they run, against the floor: the
+    matmul throughput (as speed.py measures it, before each call) and the time the reference's FLOPs
+    would take at it. ``cpp_wrapper=False``, so that the matmuls are Python calls to time (the kernels
+    and matmuls are the same as the C++ wrapper's); the clock's own Python adds to the whole call.
+    """
+    model = compiled_model(True, {**COMPILE_OPTIONS, "cpp_wrapper": False})
+    obs, data = th.randn(1, speed.OBS_DIM), speed.make_batch(5, th.device("cpu"))
+    timer, cpu = speed.Timer(th.device("cpu")), th.device("cpu")
+
+    def plan() -> None:
+        with th.inference_mode():
+            model.policy.plan(obs, None, explore=True)
+
+    def update() -> None:
+        _, latents = model._update_world_model(data)
+        model._update_policy_prior(latents, data.masks)
+
+    clock = _GemmClock()
+    try:
+        print("| what | matmuls | calls | GFLOP | ms | x floor's GFLOP/s | ms / floor ms |")
+        print("|---|---|---|---|---|---|---|")
+        for what, fn in (("plan", plan), ("update", update)):
+            fn()
+            fn()
+            clock.reset()
+            whole, throughputs = [], []
+            for _ in range(rounds):
+                throughputs.append(speed.matmul_gflops(timer, cpu))
+                clock.on = True
+                whole.append(timer.time(fn))
+                clock.on = False
+            throughput = statistics.median(throughputs)  # GFLOP/s
+            floor_ms = speed.REFERENCE_GFLOP_H5[what] / throughput * 1e3
+            rows = [(kind, clock.calls[kind], clock.flop[kind], clock.seconds[kind]) for kind in clock.calls]
+            totals = (clock.calls, clock.flop, clock.seconds)
+            rows.append(("all", *(sum(total.values()) for total in totals)))
+            for kind, calls, flop, seconds in rows:
+                gflop, ms = flop / rounds / 1e9, seconds / rounds * 1e3
+                print(
+                    f"| {what} | {kind} | {calls // rounds} | {gflop:.2f} | {ms:.1f} | "
+                    f"{gflop / ms * 1e3 / throughput:.2f} | **{ms / floor_ms:.2f}** |"
+                )
+            ms = statistics.median(whole) * 1e3
+            reference = speed.REFERENCE_GFLOP_H5[what]
+            print(f"| {what} | whole call (median) | | {reference} ref. | {ms:.1f} | | {ms / floor_ms:.2f} |")
+    finally:
+        clock.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -314,6 +444,9 @@ def main() -> None:
     parser.add_argument("--skip-plan", action="store_true", help="no plan/update experiments")
     parser.add_argument("--skip-chain", action="store_true", help="no chain experiment")
     parser.add_argument("--buffer-rounds", type=int, default=200, help="buffer experiment rounds (0: none)")
+    parser.add_argument(
+        "--gemm-rounds", type=int, default=10, help="rounds of the matmul experiments (0: none)"
+    )
     parser.add_argument(
         "--variant", action="append", default=None, help="plan/update variants whose name contains this"
     )
@@ -330,6 +463,12 @@ def main() -> None:
     if args.buffer_rounds > 0:
         print("\nbuffer: sum tree of 1M leaves; find: 512 stratified draws, update: 512 leaves")
         buffer_experiment(args.buffer_rounds)
+
+    if args.gemm_rounds > 0:
+        print("\nmatmul floor (536x512 @ 512x512) on operands in cache and from memory")
+        floor_matmul_hot_and_cold(10 * args.gemm_rounds)
+        print("\nmatmuls of the compiled plan and update (horizon 5), timed where they run")
+        gemm_accounting(args.gemm_rounds)
 
     if not args.skip_plan:
         plans, updates = plan_and_update_variants(args.variant)
