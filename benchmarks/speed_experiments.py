@@ -23,13 +23,18 @@ rerun them.
    as a matmul), and, eager and compiled, the policy prior step's Q backward over only the rows that
    min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function instead of Inductor's sigmoid.
 
-Each variant is timed in turn, round after round (interleaved, so that a change of machine load
+4. ``matmuls`` (``--gemm-rounds``): the floor's matmul on operands in cache (as the floor is
+   measured) and on operands read from memory; and every matmul of the compiled plan and update
+   timed where it runs, full-width (every dimension >= 512) and narrow, against the floor.
+
+Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
 round. Run from the repository root (compiling takes a few minutes the first time):
 
     python benchmarks/speed_experiments.py [--rounds 40] [--plan-rounds 15] [--skip-plan]
     python benchmarks/speed_experiments.py --skip-chain --variant default --variant "plain layers"
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 300
+    python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 20
 """
 
 from __future__ import annotations
