@@ -208,17 +208,14 @@ def time_against_floor(
     }
 
 
-def bench_horizon(
-    horizon: int, args: argparse.Namespace, reference: Any, timer: Timer, device: th.device, model: TDMPC
-) -> dict[str, Any]:
-    """Plan and update at ``horizon`` (planning horizon and training sequence length)."""
-    if model.horizon != horizon:
-        model = make_model(horizon, args.device, 1_000, args.compile)
+def plan_and_update(
+    model: TDMPC, horizon: int, obs: th.Tensor
+) -> tuple[Callable[[], None], Callable[[], None]]:
+    """One planning call and one update of ``model`` at ``horizon``, as timed."""
     policy = model.policy
     policy.planning_horizon, policy.std_floor = horizon, model.exploration_final_std
     model.replay_buffer.update_priorities = lambda indices, priorities: None  # the update's own cost only
-    obs = th.randn(args.n_envs, OBS_DIM, device=device)
-    data = make_batch(horizon, device)
+    data = make_batch(horizon, obs.device)
 
     def plan() -> None:
         with th.inference_mode():
@@ -227,6 +224,24 @@ def bench_horizon(
     def update() -> None:
         _, latents = model._update_world_model(data)
         model._update_policy_prior(latents, data.masks)
+
+    return plan, update
+
+
+def bench_horizon(
+    horizon: int,
+    args: argparse.Namespace,
+    reference: Any,
+    timer: Timer,
+    device: th.device,
+    model: TDMPC,
+    to_profile: list[tuple[dict[str, Any], Callable[[], Any]]],
+) -> dict[str, Any]:
+    """Plan and update at ``horizon`` (planning horizon and training sequence length)."""
+    if model.horizon != horizon:
+        model = make_model(horizon, args.device, 1_000, args.compile)
+    obs = th.randn(args.n_envs, OBS_DIM, device=device)
+    plan, update = plan_and_update(model, horizon, obs)
 
     # The floor counts the plain reference on CPU (same shapes; FLOPs do not depend on the device).
     ref_model = make_model(horizon, "cpu", 1_000, False)
@@ -248,9 +263,27 @@ def bench_horizon(
             "gflop": counted_gflop(fn),
             **time_against_floor(fn, reference_gflop, args.repeats, timer, device, args.wait_quiet),
         }
-        if args.profile:
-            result[name]["profile"] = profile(fn)
+        to_profile.append((result[name], fn))
     return result
+
+
+@contextlib.contextmanager
+def kernel_profile(compiled: bool) -> Any:
+    """
+    Compiled (``compiled``): everything compiled anew with Inductor's kernels (and the ATen calls of
+    its C++ wrapper) as profiler events of their own. The instrumentation costs time, so the timed
+    calls run before it, without.
+    """
+    if not compiled:
+        yield
+        return
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        yield
+    torch._dynamo.reset()
 
 
 # Profile categories: ATen op name -> where the time goes.
@@ -478,11 +511,6 @@ def main() -> None:
     device, timer = th.device(args.device), Timer(th.device(args.device), args.cpu_clock)
     reference = load_reference()
     main_horizon = max(args.horizon)
-    if args.compile and args.profile:
-        # Inductor's kernels (and the ATen calls of its C++ wrapper) as profiler events of their own.
-        import torch._inductor.config
-
-        torch._inductor.config.cpp.enable_kernel_profile = True
     model = make_model(main_horizon, args.device, args.buffer_size, args.compile)
     fill_buffer(model)
     results: dict[str, Any] = {
@@ -498,7 +526,14 @@ def main() -> None:
     # The loop first: the peak memory is then that of a training run on a full 1M-transition buffer.
     results["loop"] = bench_loop(model, args.loop_steps, timer)
     results["memory"] = peak_memory()
-    results["horizons"] = [bench_horizon(h, args, reference, timer, device, model) for h in args.horizon]
+    to_profile: list[tuple[dict[str, Any], Callable[[], Any]]] = []
+    results["horizons"] = [
+        bench_horizon(h, args, reference, timer, device, model, to_profile) for h in args.horizon
+    ]
+    if args.profile:
+        with kernel_profile(args.compile):
+            for result, fn in to_profile:
+                result["profile"] = profile(fn)
     results["command"] = " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])
     print_table(results)
     if args.pixels:  # CnnPolicy's update at TD-MPC's pixel settings against the state update
