@@ -268,15 +268,11 @@ def bench_horizon(
 
 
 @contextlib.contextmanager
-def kernel_profile(compiled: bool) -> Any:
+def kernel_profile() -> Any:
     """
-    Compiled (``compiled``): everything compiled anew with Inductor's kernels (and the ATen calls of
-    its C++ wrapper) as profiler events of their own. The instrumentation costs time, so the timed
-    calls run before it, without.
+    Everything compiled anew with Inductor's kernels (and the ATen calls of its C++ wrapper) as
+    profiler events of their own. The instrumentation costs time, so the timed calls run before it.
     """
-    if not compiled:
-        yield
-        return
     import torch._dynamo
     import torch._inductor.config
 
@@ -498,7 +494,9 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="policy_kwargs=dict(torch_compile=True)")
     parser.add_argument(
-        "--profile", action="store_true", help="also profile plan and update (torch.profiler)"
+        "--profile",
+        action="store_true",
+        help="also profile plan and update (torch.profiler), after the timed calls",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--pixels", action="store_true", help="also time the pixel update (speed_pixels.py)")
@@ -531,7 +529,7 @@ def main() -> None:
         bench_horizon(h, args, reference, timer, device, model, to_profile) for h in args.horizon
     ]
     if args.profile:
-        with kernel_profile(args.compile):
+        with kernel_profile() if args.compile else contextlib.nullcontext():
             for result, fn in to_profile:
                 result["profile"] = profile(fn)
     results["command"] = " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])

@@ -287,10 +287,15 @@ class _FrozenMatmul(th.autograd.Function):
         return matmul(grad, weight_t.t()), None
 
 
+def nonzero_rows(x: th.Tensor) -> th.Tensor:
+    """Indices of the rows of a 2-D ``x`` that are not all zero (a NaN or inf counts as nonzero)."""
+    # |x| summed: nonzero exactly where a row has a nonzero, NaN or inf entry (faster than ne/any)
+    return x.abs().sum(dim=1).ne(0).nonzero().squeeze(1)
+
+
 def mm_nonzero_rows(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
     """``x @ weight_t``, with the matmul run on the rows of ``x`` that are not all zero."""
-    # |x| summed: nonzero exactly where a row has a nonzero, NaN or inf entry (faster than ne/any)
-    rows = x.abs().sum(dim=1).ne(0).nonzero().squeeze(1)
+    rows = nonzero_rows(x)
     out = x.new_zeros(x.shape[0], weight_t.shape[1])
     if len(rows):
         out.index_copy_(0, rows, th.mm(x.index_select(0, rows), weight_t))
