@@ -26,6 +26,9 @@ rerun them.
 4. ``matmuls`` (``--gemm-rounds``): the floor's matmul on operands in cache (as the floor is
    measured) and on operands read from memory; and every matmul of the compiled plan and update
    timed where it runs, full-width (every dimension >= 512) and narrow, against the floor.
+5. ``nonzero rows`` (``--nonzero-rounds``): the policy prior step's nonzero-row op
+   (``policies.mm_nonzero_rows``) timed where it runs in the compiled update, with its 512-row
+   blocks and with the single matmul it had before.
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -35,6 +38,8 @@ round. Run from the repository root (compiling takes a few minutes the first tim
     python benchmarks/speed_experiments.py --skip-chain --variant default --variant "plain layers"
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 300
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 20
+    python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
+        --nonzero-rounds 20
 """
 
 from __future__ import annotations
@@ -440,6 +445,51 @@ def gemm_accounting(rounds: int) -> None:
         clock.close()
 
 
+def _mm_nonzero_rows_unblocked(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    """``policies.mm_nonzero_rows`` before Nov 30: the nonzero rows in one matmul, not 512-row blocks."""
+    rows = policies.nonzero_rows(x)
+    out = x.new_zeros(x.shape[0], weight_t.shape[1])
+    if len(rows):
+        out.index_copy_(0, rows, th.mm(x.index_select(0, rows), weight_t))
+    return out
+
+
+def nonzero_rows_experiment(rounds: int) -> None:
+    """
+    The nonzero-row op (the policy prior step's Q backward, two calls per update) timed where it
+    runs, in the compiled update, with this package's kernel and the one before, in turn update
+    after update (the op's CPU kernel swapped between updates; same results).
+    """
+    model = compiled_model(True, None)
+    data = speed.make_batch(5, th.device("cpu"))
+    times: dict[str, list[float]] = {"this package (512-row blocks)": [], "before (one matmul)": []}
+    kernels = dict(zip(times, (policies.mm_nonzero_rows, _mm_nonzero_rows_unblocked), strict=True))
+
+    def timed(name: str) -> Callable[[th.Tensor, th.Tensor], th.Tensor]:
+        def kernel(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+            start = time.perf_counter()
+            out = kernels[name](x, weight_t)
+            times[name].append(time.perf_counter() - start)
+            return out
+
+        return kernel
+
+    try:
+        for round_index in range(rounds + 1):
+            for name in times:
+                policies._mm_nonzero_rows_op.register_kernel("cpu", timed(name))
+                _, latents = model._update_world_model(data)
+                model._update_policy_prior(latents, data.masks)
+                if round_index == 0:  # warm-up
+                    times[name].clear()
+    finally:
+        policies._mm_nonzero_rows_op.register_kernel("cpu", policies.mm_nonzero_rows)
+    print("| kernel | calls | median ms per call | min ms |")
+    print("|---|---|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {len(values)} | {statistics.median(values) * 1e3:.2f} | {min(values) * 1e3:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -451,6 +501,9 @@ def main() -> None:
     parser.add_argument("--buffer-rounds", type=int, default=200, help="buffer experiment rounds (0: none)")
     parser.add_argument(
         "--gemm-rounds", type=int, default=10, help="rounds of the matmul experiments (0: none)"
+    )
+    parser.add_argument(
+        "--nonzero-rounds", type=int, default=10, help="rounds of the nonzero-row op experiment (0: none)"
     )
     parser.add_argument(
         "--variant", action="append", default=None, help="plan/update variants whose name contains this"
@@ -474,6 +527,10 @@ def main() -> None:
         floor_matmul_hot_and_cold(10 * args.gemm_rounds)
         print("\nmatmuls of the compiled plan and update (horizon 5), timed where they run")
         gemm_accounting(args.gemm_rounds)
+
+    if args.nonzero_rounds > 0:
+        print("\nnonzero-row op (policy prior step, compiled update, horizon 5), timed where it runs")
+        nonzero_rows_experiment(args.nonzero_rounds)
 
     if not args.skip_plan:
         plans, updates = plan_and_update_variants(args.variant)

@@ -297,8 +297,10 @@ def mm_nonzero_rows(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
     """``x @ weight_t``, with the matmul run on the rows of ``x`` that are not all zero."""
     rows = nonzero_rows(x)
     out = x.new_zeros(x.shape[0], weight_t.shape[1])
-    if len(rows):
-        out.index_copy_(0, rows, th.mm(x.index_select(0, rows), weight_t))
+    # In blocks of _ROW_BLOCK rows where there are many, as _row_blocked_mm (faster per FLOP on CPU)
+    blocks = rows.split(_ROW_BLOCK) if len(rows) >= 2 * _ROW_BLOCK else [rows] if len(rows) else []
+    for block in blocks:
+        out.index_copy_(0, block, th.mm(x.index_select(0, block), weight_t))
     return out
 
 
