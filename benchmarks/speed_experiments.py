@@ -26,9 +26,9 @@ rerun them.
 4. ``matmuls`` (``--gemm-rounds``): the floor's matmul on operands in cache (as the floor is
    measured) and on operands read from memory; and every matmul of the compiled plan and update
    timed where it runs, full-width (every dimension >= 512) and narrow, against the floor.
-5. ``nonzero rows`` (``--nonzero-rounds``): the policy prior step's nonzero-row op
-   (``policies.mm_nonzero_rows``) timed where it runs in the compiled update, with its 512-row
-   blocks and with the single matmul it had before.
+5. ``policy step`` (``--policy-step-rounds``): the policy prior step alone (after an untimed
+   world-model step) of the plan/update variants, in turn round after round: its Q backward
+   (``policies._FrozenQMember``) against autograd's and against one over all rows.
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -39,7 +39,7 @@ round. Run from the repository root (compiling takes a few minutes the first tim
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 300
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 20
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
-        --nonzero-rounds 20
+        --policy-step-rounds 40 --variant eager --variant "policy step" --variant default
 """
 
 from __future__ import annotations
@@ -201,17 +201,32 @@ def _never(x: th.Tensor) -> bool:
 # The compiled-CPU layer shapes of ``policies`` switched off: with ``_compiling_for_cpu`` always
 # false, every layer is traced as the straightforward ``addmm``/``addmv``, ``exp`` and unblocked
 # matmul (no ``affine`` shapes, ``_exp``); ELU's backward from its output (``_ELU``, eager's too) and
-# the frozen Q's backward over the nonzero rows stay (ALL_ROWS switches the latter off).
+# the policy prior step's frozen Q backward (``_FrozenQMember``) stay.
 PLAIN_LAYERS = {"_compiling_for_cpu": _never}
 
 
-def _mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
-    return th.mm(x, weight_t)
+def _all_rows(grad: th.Tensor) -> th.Tensor:
+    return th.arange(len(grad))
 
 
-# The policy prior's step with each Q member's hidden-layer backward over all rows, not only those
-# that min(Q1, Q2)'s gradient reaches (``policies.mm_nonzero_rows``).
-ALL_ROWS = {"mm_nonzero_rows": _mm, "_mm_nonzero_rows_op": _mm}
+# The policy prior's step with each Q member's backward over all rows, not only those that
+# min(Q1, Q2)'s gradient reaches (``policies.reached_rows``).
+ALL_ROWS = {"reached_rows": _all_rows}
+
+
+class _FrozenQMemberByAutograd:
+    """``policies._FrozenQMember`` by autograd: the backward over all rows, compiled by Inductor too."""
+
+    @staticmethod
+    def apply(z_part: th.Tensor, action: th.Tensor, w_a: th.Tensor, *weights: th.Tensor) -> th.Tensor:
+        norm_weight, norm_bias, w2, b2, w3, b3 = weights
+        h = policies.add_narrow_matmul(z_part, action, w_a)
+        h = policies.tanh_(F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias))
+        return policies.affine(elu_(policies.affine(h, w2, b2)), w3, b3)
+
+
+# The policy prior step's Q by autograd (as before Nov 30's ``_FrozenQMember``).
+Q_BY_AUTOGRAD = {"_FrozenQMember": _FrozenQMemberByAutograd}
 
 
 class _RowDotByAutograd:
@@ -239,6 +254,7 @@ COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 COMPILE_SETTINGS = [
     ("eager", False, None, {}),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
+    ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),
     (
         "compiled, no FMA contraction",
@@ -253,6 +269,7 @@ COMPILE_SETTINGS = [
         PLAIN_LAYERS,
     ),
     ("compiled, Q backward over all rows in the policy step", True, None, ALL_ROWS),
+    ("compiled, Q by autograd in the policy step", True, None, Q_BY_AUTOGRAD),
     ("compiled, tanh as 2 sigmoid(2x) - 1", True, None, SIGMOID_TANH),
     ("compiled, one-output layers' weight gradient as a column reduction", True, None, COLUMN_REDUCTION),
     ("compiled (cpp_wrapper=True on CPU, the default)", True, None, {}),
@@ -348,9 +365,10 @@ def floor_matmul_hot_and_cold(rounds: int, pool_bytes: float = 256e6) -> None:
 class _GemmClock:
     """
     The time and FLOPs of every matmul that a compiled plan or update runs, as Inductor's Python
-    wrapper calls them (``extern_kernels``; ``cpp_wrapper=False``) and through the nonzero-row op,
-    split into full-width ones (every dimension >= 512) and narrow ones (the 39-, 50-, 54- and
-    4-wide layers, the 25 policy trajectories, the one-row weight gradients).
+    wrapper calls them (``extern_kernels``; ``cpp_wrapper=False``) and inside the policy prior step's
+    Q backward op (``policies.frozen_q_member_backward``), split into full-width ones (every
+    dimension >= 512) and narrow ones (the 39-, 50-, 54- and 4-wide layers, the 25 policy
+    trajectories, the one-row weight gradients).
     """
 
     def __init__(self) -> None:
@@ -364,10 +382,17 @@ class _GemmClock:
         self.flop = {"full": 0.0, "narrow": 0.0}
         for name, fn in self.originals.items():
             setattr(self.kernels, name, self._timed(fn))
-        nonzero_rows = self._timed(policies.mm_nonzero_rows, nonzero=True)
-        policies._mm_nonzero_rows_op.register_kernel("cpu", nonzero_rows)
+        policies._frozen_q_member_backward_op.register_kernel("cpu", self._frozen_q_member_backward)
 
-    def _timed(self, fn: Callable[..., th.Tensor], nonzero: bool = False) -> Callable[..., th.Tensor]:
+    def _frozen_q_member_backward(self, *args: th.Tensor) -> th.Tensor:
+        mm = th.mm
+        th.mm = self._timed(mm)  # the op's own matmuls (ATen's, called from Python)
+        try:
+            return policies.frozen_q_member_backward(*args)
+        finally:
+            th.mm = mm
+
+    def _timed(self, fn: Callable[..., th.Tensor]) -> Callable[..., th.Tensor]:
         def timed(*args: Any, **kwargs: Any) -> th.Tensor:
             if not self.on:
                 return fn(*args, **kwargs)
@@ -375,7 +400,7 @@ class _GemmClock:
             out = fn(*args, **kwargs)
             elapsed = time.perf_counter() - start
             a, b = [arg for arg in args if isinstance(arg, th.Tensor)][-2:]
-            rows = len(policies.nonzero_rows(a)) if nonzero else a.shape[:-1].numel()
+            rows = a.shape[:-1].numel()
             kind = "full" if min(rows, a.shape[-1], b.shape[-1]) >= 512 else "narrow"
             self.calls[kind] += 1
             self.seconds[kind] += elapsed
@@ -391,7 +416,7 @@ class _GemmClock:
     def close(self) -> None:
         for name, fn in self.originals.items():
             setattr(self.kernels, name, fn)
-        policies._mm_nonzero_rows_op.register_kernel("cpu", policies.mm_nonzero_rows)
+        policies._frozen_q_member_backward_op.register_kernel("cpu", policies.frozen_q_member_backward)
 
 
 def gemm_accounting(rounds: int) -> None:
@@ -445,49 +470,30 @@ def gemm_accounting(rounds: int) -> None:
         clock.close()
 
 
-def _mm_nonzero_rows_unblocked(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
-    """``policies.mm_nonzero_rows`` before Nov 30: the nonzero rows in one matmul, not 512-row blocks."""
-    rows = policies.nonzero_rows(x)
-    out = x.new_zeros(x.shape[0], weight_t.shape[1])
-    if len(rows):
-        out.index_copy_(0, rows, th.mm(x.index_select(0, rows), weight_t))
-    return out
-
-
-def nonzero_rows_experiment(rounds: int) -> None:
+def policy_step_experiment(rounds: int, selected: list[str] | None) -> None:
     """
-    The nonzero-row op (the policy prior step's Q backward, two calls per update) timed where it
-    runs, in the compiled update, with this package's kernel and the one before, in turn update
-    after update (the op's CPU kernel swapped between updates; same results).
+    The policy prior step alone (``_update_policy_prior``, after an untimed world-model step), of each
+    of COMPILE_SETTINGS (those whose name contains one of ``selected``), in turn round after round.
     """
-    model = compiled_model(True, None)
     data = speed.make_batch(5, th.device("cpu"))
-    times: dict[str, list[float]] = {"this package (512-row blocks)": [], "before (one matmul)": []}
-    kernels = dict(zip(times, (policies.mm_nonzero_rows, _mm_nonzero_rows_unblocked), strict=True))
-
-    def timed(name: str) -> Callable[[th.Tensor, th.Tensor], th.Tensor]:
-        def kernel(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
-            start = time.perf_counter()
-            out = kernels[name](x, weight_t)
-            times[name].append(time.perf_counter() - start)
-            return out
-
-        return kernel
-
-    try:
-        for round_index in range(rounds + 1):
-            for name in times:
-                policies._mm_nonzero_rows_op.register_kernel("cpu", timed(name))
+    models = {
+        name: (compiled_model(torch_compile, options), patches)
+        for name, torch_compile, options, patches in COMPILE_SETTINGS
+        if not selected or any(part in name for part in selected)
+    }
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for round_index in range(rounds + 2):
+        for name, (model, patches) in models.items():
+            with patched(patches):
                 _, latents = model._update_world_model(data)
+                start = time.perf_counter()
                 model._update_policy_prior(latents, data.masks)
-                if round_index == 0:  # warm-up
-                    times[name].clear()
-    finally:
-        policies._mm_nonzero_rows_op.register_kernel("cpu", policies.mm_nonzero_rows)
-    print("| kernel | calls | median ms per call | min ms |")
-    print("|---|---|---|---|")
+                if round_index >= 2:  # two warm-up rounds
+                    times[name].append(time.perf_counter() - start)
+    print("| variant | median ms | min ms |")
+    print("|---|---|---|")
     for name, values in times.items():
-        print(f"| {name} | {len(values)} | {statistics.median(values) * 1e3:.2f} | {min(values) * 1e3:.2f} |")
+        print(f"| {name} | {statistics.median(values) * 1e3:.1f} | {min(values) * 1e3:.1f} |")
 
 
 def main() -> None:
@@ -503,7 +509,10 @@ def main() -> None:
         "--gemm-rounds", type=int, default=10, help="rounds of the matmul experiments (0: none)"
     )
     parser.add_argument(
-        "--nonzero-rounds", type=int, default=10, help="rounds of the nonzero-row op experiment (0: none)"
+        "--policy-step-rounds",
+        type=int,
+        default=0,
+        help="rounds of the policy prior step experiment (0: none)",
     )
     parser.add_argument(
         "--variant", action="append", default=None, help="plan/update variants whose name contains this"
@@ -528,9 +537,9 @@ def main() -> None:
         print("\nmatmuls of the compiled plan and update (horizon 5), timed where they run")
         gemm_accounting(args.gemm_rounds)
 
-    if args.nonzero_rounds > 0:
-        print("\nnonzero-row op (policy prior step, compiled update, horizon 5), timed where it runs")
-        nonzero_rows_experiment(args.nonzero_rounds)
+    if args.policy_step_rounds > 0:
+        print("\npolicy prior step alone: paper settings, horizon 5")
+        policy_step_experiment(args.policy_step_rounds, args.variant)
 
     if not args.skip_plan:
         plans, updates = plan_and_update_variants(args.variant)

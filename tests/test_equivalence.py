@@ -401,21 +401,25 @@ def test_reference_flop_counts_are_the_issues():
     assert update_flops.get_total_flops() == 35_289_825_280
 
 
-def test_matmul_of_nonzero_rows_is_the_matmul():
-    """The policy prior's Q backward multiplies only the rows that min(Q1, Q2)'s gradient reaches."""
-    from sb3_tdmpc.tdmpc.policies import mm_nonzero_rows
-
-    gen = th.Generator().manual_seed(0)
-    # 2400 nonzero rows: multiplied in blocks of 512 (policies._ROW_BLOCK)
-    x, weight_t = th.randn(3600, 8, generator=gen), th.randn(8, 5, generator=gen)
-    x[::3] = 0.0
-    x[7, 2] = float("nan")
-    x[10] = 0.0
-    x[10, 4] = 1e-30  # a row that is nonzero however small
-    got = mm_nonzero_rows(x, weight_t)
-    th.testing.assert_close(got, x @ weight_t, equal_nan=True)
-    assert (got[::3] == 0).all() and got[7].isnan().all() and got[10].ne(0).any()
-    assert (mm_nonzero_rows(th.zeros(4, 8), weight_t) == 0).all()
+def test_frozen_q_backward_matches_autograd_over_the_rows_min_q_reaches():
+    """
+    The policy prior step's Q (frozen, differentiated with respect to the action) runs each member's
+    backward in 512-row blocks over the rows that min(Q1, Q2)'s gradient reaches: autograd's action
+    gradient, with rows that no gradient reaches (zero weight) among them.
+    """
+    th.manual_seed(0)
+    q = QEnsemble(8 + 3, 16)
+    for parameter in q.parameters():
+        th.nn.init.normal_(parameter, std=0.3)
+    q.requires_grad_(False)
+    z, a = th.randn(2600, 8), (th.rand(2600, 3) * 2 - 1).requires_grad_(True)  # ~1000 rows per member
+    weights = th.rand(2600, 1)
+    weights[::4] = 0.0
+    fast = (q(z, a).min(dim=0).values * weights).sum()
+    ref = (reference_min_q(q, z, a) * weights).sum()
+    assert close(fast, ref)
+    grad_fast, grad_ref = gradients(fast, [a])[0], gradients(ref, [a])[0]
+    assert close(grad_fast, grad_ref) and (grad_fast[::4] == 0).all()
 
 
 def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
@@ -426,7 +430,7 @@ def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
     counts, gradients_per_run = [], []
     for all_rows in (False, True):
         if all_rows:
-            monkeypatch.setattr(policies, "mm_nonzero_rows", th.mm)
+            monkeypatch.setattr(policies, "reached_rows", lambda grad: th.arange(len(grad)))
         algo = make_algo()
         grads = capture_gradients(algo.policy.pi_optimizer)
         th.manual_seed(7)
