@@ -63,7 +63,12 @@ class _ELU(th.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
         (out,) = ctx.saved_tensors
-        return th.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, out)
+        return _elu_backward(grad, out)
+
+
+def _elu_backward(grad: th.Tensor, out: th.Tensor) -> th.Tensor:
+    """The gradient through ELU (alpha 1) from its output (ATen's kernel)."""
+    return th.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, out)
 
 
 class _Tanh(th.autograd.Function):
@@ -264,9 +269,10 @@ class _FrozenQMember(th.autograd.Function):
     """
     One Q member (Linear-LayerNorm-tanh-Linear-ELU-Linear) with frozen weights, differentiated with
     respect to the action alone: the policy prior's step. The backward runs only over the rows that
-    the output gradient reaches (min(Q1, Q2) reaches one member per row; elsewhere every gradient of
-    the chain is exactly zero), in 512-row blocks of ATen's kernels, from the activations the forward
-    saved: the same action gradient as autograd's, with about half the backward work.
+    the output gradient reaches (min(Q1, Q2) reaches one member per row; elsewhere, with finite
+    activations, every gradient of the chain is exactly zero), in 512-row blocks of ATen's kernels,
+    from the activations the forward saved: autograd's action gradient with about half the backward
+    work.
     """
 
     @staticmethod
@@ -283,7 +289,9 @@ class _FrozenQMember(th.autograd.Function):
         b3: th.Tensor,
     ) -> th.Tensor:
         h1 = add_narrow_matmul(z_part, action, w_a)
-        y, mean, rstd = th.native_layer_norm(h1, [h1.shape[-1]], norm_weight, norm_bias, 1e-5)
+        y, mean, rstd = th.native_layer_norm(
+            h1, [h1.shape[-1]], norm_weight, norm_bias, 1e-5
+        )  # F.layer_norm's eps
         t = tanh_(y)
         e2 = elu_(affine(t, w2, b2))
         ctx.save_for_backward(h1, mean, rstd, t, e2, w_a, norm_weight, w2, w3)
@@ -317,7 +325,7 @@ def frozen_q_member_backward(
     grad_action = grad_q.new_zeros(grad_q.shape[0], w_a.shape[0])
     for block in rows.split(_ROW_BLOCK) if len(rows) else []:
         grad = grad_q.index_select(0, block) * w3[:, 0]
-        grad = th.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, e2.index_select(0, block))
+        grad = _elu_backward(grad, e2.index_select(0, block))
         grad = th.ops.aten.tanh_backward(th.mm(grad, w2.t()), t.index_select(0, block))
         grad = th.ops.aten.native_layer_norm_backward(
             grad,
