@@ -308,27 +308,25 @@ def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
     return model
 
 
+def _with_patches(fn: Callable[[], None], patches: dict[str, Any]) -> Callable[[], None]:
+    def call() -> None:
+        with patched(patches):
+            fn()
+
+    return call
+
+
 def plan_and_update_variants(
     selected: list[str] | None = None,
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
     """Plan and update of each of COMPILE_SETTINGS (those whose name contains one of ``selected``)."""
-    obs, data = th.randn(1, speed.OBS_DIM), speed.make_batch(5, th.device("cpu"))
+    obs = th.randn(1, speed.OBS_DIM)
     plans, updates = {}, {}
     for name, torch_compile, options, patches in COMPILE_SETTINGS:
         if selected and not any(part in name for part in selected):
             continue
-        model = compiled_model(torch_compile, options)
-
-        def update(model: Any = model, patches: dict[str, Any] = patches) -> None:
-            with patched(patches):
-                _, latents = model._update_world_model(data)
-                model._update_policy_prior(latents, data.masks)
-
-        def plan(policy: Any = model.policy, patches: dict[str, Any] = patches) -> None:
-            with patched(patches):
-                policy.plan(obs, None, explore=True)
-
-        plans[name], updates[name] = plan, update
+        plan, update = speed.plan_and_update(compiled_model(torch_compile, options), 5, obs)
+        plans[name], updates[name] = _with_patches(plan, patches), _with_patches(update, patches)
     return plans, updates
 
 
@@ -427,17 +425,8 @@ def gemm_accounting(rounds: int) -> None:
     and matmuls are the same as the C++ wrapper's); the clock's own Python adds to the whole call.
     """
     model = compiled_model(True, {**COMPILE_OPTIONS, "cpp_wrapper": False})
-    obs, data = th.randn(1, speed.OBS_DIM), speed.make_batch(5, th.device("cpu"))
+    plan, update = speed.plan_and_update(model, 5, th.randn(1, speed.OBS_DIM))
     timer, cpu = speed.Timer(th.device("cpu")), th.device("cpu")
-
-    def plan() -> None:
-        with th.inference_mode():
-            model.policy.plan(obs, None, explore=True)
-
-    def update() -> None:
-        _, latents = model._update_world_model(data)
-        model._update_policy_prior(latents, data.masks)
-
     clock = _GemmClock()
     try:
         print("| what | matmuls | calls | GFLOP | ms | x floor's GFLOP/s | ms / floor ms |")

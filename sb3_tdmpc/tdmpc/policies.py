@@ -289,9 +289,8 @@ class _FrozenQMember(th.autograd.Function):
         b3: th.Tensor,
     ) -> th.Tensor:
         h1 = add_narrow_matmul(z_part, action, w_a)
-        y, mean, rstd = th.native_layer_norm(
-            h1, [h1.shape[-1]], norm_weight, norm_bias, 1e-5
-        )  # F.layer_norm's eps
+        # F.layer_norm's, with the statistics that the backward reads
+        y, mean, rstd = th.native_layer_norm(h1, [h1.shape[-1]], norm_weight, norm_bias, 1e-5)
         t = tanh_(y)
         e2 = elu_(affine(t, w2, b2))
         ctx.save_for_backward(h1, mean, rstd, t, e2, w_a, norm_weight, w2, w3)
@@ -323,7 +322,7 @@ def frozen_q_member_backward(
     """The action gradient of :class:`_FrozenQMember`, over the rows that ``grad_q`` reaches."""
     rows = reached_rows(grad_q)
     grad_action = grad_q.new_zeros(grad_q.shape[0], w_a.shape[0])
-    for block in rows.split(_ROW_BLOCK) if len(rows) else []:
+    for block in rows.split(_ROW_BLOCK):  # no rows: one empty block
         grad = grad_q.index_select(0, block) * w3[:, 0]
         grad = _elu_backward(grad, e2.index_select(0, block))
         grad = th.ops.aten.tanh_backward(th.mm(grad, w2.t()), t.index_select(0, block))
