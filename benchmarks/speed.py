@@ -285,6 +285,7 @@ def kernel_profile() -> Any:
 # Profile categories: ATen op name -> where the time goes.
 CATEGORIES = {
     "matmul (mm, addmm, bmm, mv)": ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "linear"),
+    "matmul and ELU in one kernel (sb3_tdmpc's linear_elu)": ("sb3_tdmpc_cpu::linear_elu",),
     "ELU (exp, clamp, maximum, sub) and its backward": (
         "exp", "exp_", "clamp", "clamp_", "clamp_min", "clamp_max", "maximum", "sub_", "elu", "elu_backward",
     ),

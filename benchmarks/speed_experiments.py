@@ -5,7 +5,8 @@ rerun them.
 
 1. ``chain``: five (Linear 512->512, ELU, Linear 512->512, ELU) blocks on 537 rows, the shape of
    the planner's dynamics/reward layers, against the same ten matmuls alone (no bias, no ELU):
-   eager (``addmm`` + this package's ELU), and ``torch.compile``d with ``addmm`` (what the
+   eager (``addmm`` + the package's ELU in PyTorch ops; the package's fused CPU kernel,
+   ``policies.affine_elu``), and ``torch.compile``d with ``addmm`` (what the
    compiled planner does), with ``mm`` and the bias added in the ELU kernel (no bias copy before
    the GEMM), and with Inductor's C++ GEMM template (``max_autotune``, CPP backend; reachable for
    non-constant weights only through ``bmm``), which can fuse the ELU into the GEMM's epilogue.
@@ -21,7 +22,8 @@ rerun them.
    matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
    as fused terms, weight gradients in the weight's own layout, a one-output layer's weight gradient
    as a matmul), and, eager and compiled, the policy prior step's Q backward over only the rows that
-   min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function instead of Inductor's sigmoid.
+   min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function instead of Inductor's sigmoid;
+   eager, every Linear-ELU layer as PyTorch ops instead of the fused CPU kernel (``cpu_kernels``).
 
 4. ``matmuls`` (``--gemm-rounds``): the floor's matmul on operands in cache (as the floor is
    measured) and on operands read from memory; and every matmul of the compiled plan and update
@@ -96,6 +98,12 @@ def chain_variants() -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
             h = elu_(th.mm(elu_(th.mm(h, w1_t) - neg_b1), w2_t) - neg_b2)
         return h
 
+    def fused_kernel() -> th.Tensor:
+        h = x
+        for _ in range(BLOCKS):
+            h = policies.affine_elu(policies.affine_elu(h, w1.t(), b1), w2.t(), b2)
+        return h
+
     def bmm_elu() -> th.Tensor:
         h = x[None]
         for _ in range(BLOCKS):
@@ -103,7 +111,8 @@ def chain_variants() -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
         return h[0]
 
     variants = {
-        "eager: addmm + ELU (this package)": addmm_elu,
+        "eager: addmm + ELU (PyTorch ops)": addmm_elu,
+        "eager: fused CPU kernel (this package)": fused_kernel,
         "compiled: addmm + fused ELU": th.compile(addmm_elu, dynamic=False),
         "compiled: mm + fused bias-ELU": th.compile(mm_then_bias_elu, dynamic=False),
         "compiled: C++ GEMM template, ELU epilogue": th.compile(
@@ -247,12 +256,21 @@ def _sigmoid_tanh(x: th.Tensor) -> th.Tensor:
 # tanh (Q's, after the LayerNorm) as Inductor's sigmoid, not the rational function (``_rational_tanh``).
 SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
 
+
+def _no_cpu_kernels(x: th.Tensor) -> bool:
+    return False
+
+
+# Every Linear-ELU layer as PyTorch ops (a matmul, then the ELU), not the fused CPU kernel.
+NO_CPU_KERNELS = {"cpu_kernels_apply": _no_cpu_kernels}
+
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
 #  attributes of ``policies`` replaced while tracing and running)
 COMPILE_SETTINGS = [
     ("eager", False, None, {}),
+    ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),

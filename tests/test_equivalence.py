@@ -10,15 +10,20 @@ The ``reference_*`` functions are also what ``benchmarks/speed.py`` counts the F
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sb3_tdmpc import TDMPC
+from sb3_tdmpc.common import cpu_kernels
 from sb3_tdmpc.common.buffers import SequenceSamples
+from sb3_tdmpc.tdmpc import policies
 from sb3_tdmpc.tdmpc.policies import QEnsemble, TDMPCPolicy, WorldModel
 
 SMALL = dict(latent_dim=8, mlp_dim=32, enc_dim=16)
@@ -230,8 +235,18 @@ def close(a: th.Tensor, b: th.Tensor, atol: float = ATOL, rtol: float = 1e-4) ->
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.fixture(params=["cpu kernels", "pytorch ops"])
+def linear_elu_path(request, monkeypatch):
+    """Each Linear-ELU layer by the fused CPU kernel (where it builds) or by PyTorch ops."""
+    if request.param == "pytorch ops":
+        monkeypatch.setattr(policies, "cpu_kernels_apply", lambda x: False)
+    elif not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    return request.param
+
+
 @pytest.mark.parametrize("batch_shape", [(7,), (3, 5), (2, 4, 6)])
-def test_networks_match_the_plain_modules(batch_shape):
+def test_networks_match_the_plain_modules(batch_shape, linear_elu_path):
     policy = make_policy()
     model = policy.model
     obs, z, a = th.randn(*batch_shape, 6), th.randn(*batch_shape, 8), th.rand(*batch_shape, 3) * 2 - 1
@@ -250,7 +265,7 @@ def gradients(loss: th.Tensor, tensors: list[th.Tensor]) -> list[th.Tensor]:
     return list(th.autograd.grad(loss, tensors, allow_unused=True))
 
 
-def test_gradients_match_the_plain_modules():
+def test_gradients_match_the_plain_modules(linear_elu_path):
     policy = make_policy()
     model = policy.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -440,6 +455,56 @@ def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
         gradients_per_run.append(grads)
     assert counts[0] < counts[1]
     assert all(close(a, b) for a, b in zip(*gradients_per_run, strict=True))
+
+
+@pytest.mark.parametrize("rows", [1, 37, 2600])  # 2600: each thread's own row blocks
+def test_fused_linear_elu_kernel_matches_pytorch(rows):
+    """The fused CPU kernel: F.elu(F.linear) values, gradients (weights' in their own layout), FLOPs."""
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    gen = th.Generator().manual_seed(0)
+    wide = th.randn(rows, 30, generator=gen)
+    x = wide[:, 3:27].requires_grad_(True)  # rows 30 floats apart, as d's and R's halves of one tensor
+    linear = nn.Linear(24, 40)  # its weight read transposed ([in, out], column-major)
+    w_in_out = (th.randn(24, 40, generator=gen) / 5).requires_grad_(True)  # row-major, as Q's
+    for weight_t, weight, bias in [
+        (linear.weight.t(), linear.weight, linear.bias),
+        (w_in_out, w_in_out, linear.bias),
+    ]:
+        with FlopCounterMode(display=False) as flops:
+            fused = policies.affine_elu(x, weight_t, bias)
+        assert flops.get_total_flops() == 2 * rows * 24 * 40  # its matmul's, as for mm
+        expected = F.elu(x @ weight_t + bias)
+        assert close(fused, expected)
+        upstream = th.randn(rows, 40, generator=gen)
+        got = gradients((fused * upstream).sum(), [x, weight, bias])
+        want = gradients((expected * upstream).sum(), [x, weight, bias])
+        assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
+        assert got[1].stride() == weight.stride()  # AccumulateGrad would copy any other layout
+        with th.no_grad():
+            assert close(policies.affine_elu(x, weight_t, bias), expected)
+            # ELU(NaN) = NaN, ELU(inf) = inf, ELU(-inf) = -1, in the vectorised part and in the tail
+            nan, inf = float("nan"), float("inf")
+            special = th.tensor([nan] * 8 + [inf] * 8 + [-inf] * 8 + [0.0] * 16 + [nan, inf, -inf])
+            got = policies.affine_elu(th.zeros(2, 24), th.zeros(24, 43), special)
+            assert th.equal(got.isnan(), special.isnan().expand(2, -1))
+            assert th.equal(got.nan_to_num(0.0), F.elu(special).nan_to_num(0.0).expand(2, -1))
+
+
+def test_cpu_kernels_fall_back_to_pytorch_ops_with_a_warning(monkeypatch):
+    """Switched off: no build, no warning. A failed build (a missing source): one warning, PyTorch ops."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.setenv("SB3_TDMPC_CPU_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cpu_kernels.load()
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    monkeypatch.delenv("SB3_TDMPC_CPU_KERNELS")
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", ["/nonexistent/linear_elu.cpp"])
+    with pytest.warns(UserWarning, match="could not build its fused CPU kernels"):
+        assert not cpu_kernels.load()
+    x, weight_t, bias = th.randn(5, 4), th.randn(4, 3), th.randn(3)
+    assert close(policies.affine_elu(x, weight_t, bias), F.elu(x @ weight_t + bias))
 
 
 @pytest.mark.slow

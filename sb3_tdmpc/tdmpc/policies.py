@@ -20,6 +20,8 @@ from stable_baselines3.common.preprocessing import is_image_space, is_image_spac
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from sb3_tdmpc.common import cpu_kernels
+
 
 def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
     """Linear-ELU layers, then a linear output (TD-MPC's ``h.mlp`` and state encoder)."""
@@ -249,20 +251,48 @@ class _RowBlockedMatmul(th.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
-        x, weight_t = ctx.saved_tensors
-        grad_x = _row_blocked_mm(grad, weight_t.t()) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            # In weight_t's own layout: an nn.Linear weight's (weight.t(), column-major) as (g^T x)^T,
-            # so that the parameter receives a gradient with its own strides (AccumulateGrad copies
-            # any other). MKL also runs x^T g slowly for a narrow output (the policy's 4 actions).
-            column_major = weight_t.stride(0) < weight_t.stride(1)
-            grad_w = th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
-        return grad_x, grad_w
+        return _matmul_backward(ctx.needs_input_grad, grad, *ctx.saved_tensors)
+
+
+def _matmul_backward(
+    needs_grad: tuple[bool, ...], grad: th.Tensor, x: th.Tensor, weight_t: th.Tensor
+) -> tuple[th.Tensor | None, th.Tensor | None]:
+    """The gradients of ``x @ weight_t`` (2-D) that ``needs_grad`` asks for, given the output's."""
+    grad_x = grad_w = None
+    if needs_grad[0]:
+        blocked = _compiling_for_cpu(grad) and grad.shape[0] >= 2 * _ROW_BLOCK  # eager, cat would copy
+        grad_x = _row_blocked_mm(grad, weight_t.t()) if blocked else th.mm(grad, weight_t.t())
+    if needs_grad[1]:
+        # In weight_t's own layout: an nn.Linear weight's (weight.t(), column-major) as (g^T x)^T,
+        # so that the parameter receives a gradient with its own strides (AccumulateGrad copies
+        # any other). MKL also runs x^T g slowly for a narrow output (the policy's 4 actions).
+        column_major = weight_t.stride(0) < weight_t.stride(1)
+        grad_w = th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
+    return grad_x, grad_w
 
 
 def _row_blocked_mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
     return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
+
+
+class _AffineELU(th.autograd.Function):
+    """
+    ``ELU(x @ weight_t + bias)`` (2-D ``x``) by the fused CPU kernel; the backward reads the output
+    (ELU's gradient from it, as :class:`_ELU`), then the affine map's gradients.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
+        out = cpu_kernels.linear_elu(x, weight_t, bias)
+        ctx.save_for_backward(x, weight_t, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
+        x, weight_t, out = ctx.saved_tensors
+        grad = _elu_backward(grad, out)
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return *_matmul_backward(ctx.needs_input_grad, grad, x, weight_t), grad_bias
 
 
 class _FrozenQMember(th.autograd.Function):
@@ -292,7 +322,7 @@ class _FrozenQMember(th.autograd.Function):
         # F.layer_norm's, with the statistics that the backward reads
         y, mean, rstd = th.native_layer_norm(h1, [h1.shape[-1]], norm_weight, norm_bias, 1e-5)
         t = tanh_(y)
-        e2 = elu_(affine(t, w2, b2))
+        e2 = affine_elu(t, w2, b2)
         ctx.save_for_backward(h1, mean, rstd, t, e2, w_a, norm_weight, w2, w3)
         return affine(e2, w3, b3)
 
@@ -373,6 +403,28 @@ def elu_(x: th.Tensor) -> th.Tensor:
     return _traced_elu(x) if th.compiler.is_compiling() else _elu_inplace(x)
 
 
+def cpu_kernels_apply(x: th.Tensor) -> bool:
+    """
+    Whether the fused CPU kernels compute with ``x``: float32 on CPU, eager, the kernels built.
+    Compiled, Inductor's matmul and fused ELU measured faster in the planner (docs/performance.md).
+    """
+    eager_float32_cpu = x.device.type == "cpu" and x.dtype == th.float32 and not th.compiler.is_compiling()
+    return eager_float32_cpu and cpu_kernels.load()
+
+
+def affine_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """
+    ``ELU(x @ weight_t + bias)``: on CPU (eager), one fused kernel, the ELU applied to each block of
+    the product while it is in cache (:mod:`sb3_tdmpc.common.cpu_kernels`).
+    """
+    rows, shape = x.reshape(-1, x.shape[-1]), (*x.shape[:-1], weight_t.shape[1])
+    if cpu_kernels_apply(x):
+        if th.is_grad_enabled() and (x.requires_grad or weight_t.requires_grad or bias.requires_grad):
+            return _AffineELU.apply(rows, weight_t, bias).view(shape)
+        return cpu_kernels.linear_elu(rows, weight_t, bias).view(shape)
+    return elu_(affine(rows, weight_t, bias)).view(shape)
+
+
 def tanh_(x: th.Tensor) -> th.Tensor:
     """tanh of a fresh intermediate ``x``, which it overwrites."""
     if x.device.type != "cpu":
@@ -394,12 +446,10 @@ def forward_mlp(net: nn.Module, x: th.Tensor) -> th.Tensor:
     """``net(x)``, evaluated layer by layer with the fast ELU where ``net`` is an :func:`mlp`."""
     if not is_elu_mlp(net):
         return net(x)
-    layers = list(net)
-    for i in range(0, len(layers), 2):
-        x = linear(x, layers[i].weight, layers[i].bias)
-        if i + 1 < len(layers):
-            x = elu_(x)
-    return x
+    *hidden, last = list(net)[::2]
+    for layer in hidden:
+        x = affine_elu(x, layer.weight.t(), layer.bias)
+    return linear(x, last.weight, last.bias)
 
 
 class PixelEncoder(nn.Module):
@@ -537,7 +587,7 @@ class QEnsemble(nn.Module):
                 h = h.sigmoid_().mul_(2.0).sub_(1.0)
             else:
                 h = tanh_(F.layer_norm(h, (self.hidden_dim,), norm_weight, norm_bias))
-            h = elu_(affine(h, w2[q], b2[q, 0]))
+            h = affine_elu(h, w2[q], b2[q, 0])
             values.append(affine(h, w3[q], b3[q, 0]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
@@ -600,16 +650,14 @@ class WorldModel(nn.Module):
         return th.cat([d.weight.t(), r.weight.t()], dim=1), th.cat([d.bias, r.bias])
 
     def _next_from_hidden(self, hidden: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
-        """d and R after their (stacked, pre-activation) first layer ``[N, 2 * mlp_dim]``."""
-        hidden = elu_(hidden)
+        """d and R after their stacked first layer and its ELU, ``[N, 2 * mlp_dim]``."""
         width = self.dynamics[0].out_features
         z, r = hidden[:, :width], hidden[:, width:]
-        for i in range(2, len(self.dynamics), 2):
-            z = linear(z, self.dynamics[i].weight, self.dynamics[i].bias)
-            r = linear(r, self.reward[i].weight, self.reward[i].bias)
-            if i + 1 < len(self.dynamics):
-                z, r = elu_(z), elu_(r)
-        return z, r
+        *hidden_layers, (d_out, r_out) = list(zip(self.dynamics[2::2], self.reward[2::2], strict=True))
+        for d_layer, r_layer in hidden_layers:
+            z = affine_elu(z, d_layer.weight.t(), d_layer.bias)
+            r = affine_elu(r, r_layer.weight.t(), r_layer.bias)
+        return linear(z, d_out.weight, d_out.bias), linear(r, r_out.weight, r_out.bias)
 
     def _fast_next(self) -> bool:
         return (
@@ -626,7 +674,7 @@ class WorldModel(nn.Module):
             return self.dynamics(za), self.reward(za)
         batch_shape = za.shape[:-1]
         weight_t, bias = self._fused_first_layer()
-        z, r = self._next_from_hidden(affine(za.reshape(-1, za.shape[-1]), weight_t, bias))
+        z, r = self._next_from_hidden(affine_elu(za.reshape(-1, za.shape[-1]), weight_t, bias))
         # Explicit sizes: -1 is ambiguous for an empty batch (no policy trajectories, num_samples < 20).
         return z.reshape(*batch_shape, z.shape[-1]), r.reshape(*batch_shape, r.shape[-1])
 
@@ -649,17 +697,22 @@ class WorldModel(nn.Module):
             return value, z
         weight_t, bias = self._fused_first_layer()
         latent_dim = z.shape[-1]
-        # t = 0: W [z, a] + b = (W_z z + b) + W_a a, with W_z z + b per environment.
+        # t = 0: W [z, a] + b = W_a a + (W_z z + b), with W_z z + b per environment.
         w_z, w_a = weight_t[:latent_dim], weight_t[latent_dim:]
-        z_part = affine(z, w_z, bias).unsqueeze(1)
-        hidden = add_narrow_matmul(z_part, actions[0], w_a).view(num_envs * num_seq, -1)
+        z_part = affine(z, w_z, bias)
+        if cpu_kernels_apply(z):  # W_z z + b as the bias of its environment's rows
+            parts = [affine_elu(actions[0, env], w_a, z_part[env]) for env in range(num_envs)]
+            hidden = parts[0] if num_envs == 1 else th.cat(parts)
+        else:
+            hidden = add_narrow_matmul(z_part.unsqueeze(1), actions[0], w_a)
+            hidden = elu_(hidden.view(num_envs * num_seq, -1))
         for t in range(horizon):
             if t > 0:
                 action = actions[t].reshape(num_envs * num_seq, action_dim)
                 if _compiling_for_cpu(z):  # the action's part fused into the ELU's kernel, no cat
-                    hidden = add_narrow_matmul(affine(z, w_z, bias), action, w_a)
+                    hidden = elu_(add_narrow_matmul(affine(z, w_z, bias), action, w_a))
                 else:
-                    hidden = affine(th.cat([z, action], dim=-1), weight_t, bias)
+                    hidden = affine_elu(th.cat([z, action], dim=-1), weight_t, bias)
             z, reward = self._next_from_hidden(hidden)
             value, discount = value + discount * reward, discount * gamma
         return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)

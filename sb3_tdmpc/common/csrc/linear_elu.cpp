@@ -1,0 +1,130 @@
+// ELU(x @ weight_t + bias) on CPU with one pass over the output after the GEMM. Up to a few hundred
+// rows, MKL's GEMM with its own threads, then the bias and the ELU in one vectorised pass while the
+// product is still in cache. Over many rows (the update's horizon x batch), each thread multiplies
+// its own blocks of rows (MKL's GEMM, single-threaded inside the parallel region) and applies the
+// bias and the ELU to each block in L2: on this machine faster than MKL's two-thread GEMM alone for
+// those shapes. docs/performance.md measures it; tests/test_equivalence.py checks it.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Rows per block: a [128, 512] float block (256 KiB) stays in the 512 KiB L2 between the GEMM and the ELU.
+constexpr int64_t kBlockRows = 128;
+// From this many rows per thread on, row blocks per thread; below, MKL's threads (measured: docs).
+constexpr int64_t kBlockedFromRowsPerThread = 512;
+
+// exp(x) for x in [-87, 0]: Cody-Waite range reduction and Cephes' polynomial (within 2 ulp), the
+// same as the compiled path's (policies._exp).
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+inline float exp_nonpositive(float x) {
+  x = std::fmax(x, -87.f);
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// row = ELU(row + bias) = max(v, exp(min(v, 0)) - 1), in place; a NaN stays NaN (max and min
+// return their second operand when one is NaN).
+void add_bias_elu(float* __restrict row, const float* __restrict bias, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
+    const __m256 e = _mm256_sub_ps(exp_nonpositive(_mm256_min_ps(v, zero)), one);
+    _mm256_storeu_ps(row + j, _mm256_max_ps(e, v));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float v = row[j] + bias[j];
+    const float e = exp_nonpositive(v < 0.f ? v : 0.f) - 1.f;
+    row[j] = e > v ? e : v;
+  }
+}
+
+at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 2 && weight_t.dim() == 2 && bias.dim() == 1, "linear_elu: x [N, K], weight_t [K, M], bias [M]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
+              "linear_elu: float32 tensors");
+  TORCH_CHECK(x.size(1) == weight_t.size(0) && weight_t.size(1) == bias.size(0), "linear_elu: shapes do not match");
+  const auto input = x.stride(1) == 1 ? x : x.contiguous();  // any row stride: MKL reads it
+  const auto bias_c = bias.contiguous();
+  const int64_t rows = input.size(0), width = weight_t.size(1);
+  auto out = at::empty({rows, width}, input.options());
+  const int64_t threads = at::get_num_threads();
+  const float* bias_ptr = bias_c.const_data_ptr<float>();
+  if (rows < threads * kBlockedFromRowsPerThread) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
+    at::mm_out(out, input, weight_t);
+    float* data = out.data_ptr<float>();
+    at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+      for (int64_t row = first; row < last; ++row) add_bias_elu(data + row * width, bias_ptr, width);
+    });
+    return out;
+  }
+  // Blocks of about kBlockRows rows, as many per thread, so that the threads finish together.
+  const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
+  const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
+  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start without it
+    for (int64_t block = first; block < last; ++block) {
+      const int64_t start = block * block_rows, stop = std::min(rows, start + block_rows);
+      if (start >= stop) continue;
+      auto out_block = out.narrow(0, start, stop - start);
+      at::mm_out(out_block, input.narrow(0, start, stop - start), weight_t);
+      float* data = out_block.data_ptr<float>();
+      for (int64_t row = 0; row < stop - start; ++row) add_bias_elu(data + row * width, bias_ptr, width);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sb3_tdmpc_cpu, m) {
+  m.def("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
+  m.impl("linear_elu", &linear_elu);
+}
