@@ -458,8 +458,12 @@ def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 37, 2600])  # 2600: each thread's own row blocks
-def test_fused_linear_elu_kernel_matches_pytorch(rows):
+def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
     """The fused CPU kernel: F.elu(F.linear) values, gradients (weights' in their own layout), FLOPs."""
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)  # built or loaded inside a FLOP counter
+    with FlopCounterMode(display=False) as flops:
+        policies.affine_elu(th.zeros(rows, 24), th.zeros(24, 40), th.zeros(40))
+    assert flops.get_total_flops() == 2 * rows * 24 * 40
     if not cpu_kernels.load():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
     gen = th.Generator().manual_seed(0)

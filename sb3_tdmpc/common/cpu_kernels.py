@@ -21,6 +21,16 @@ from torch.utils.flop_counter import register_flop_formula
 _SOURCES = [str(Path(__file__).with_name("csrc") / "linear_elu.cpp")]
 _loaded: bool | None = None  # None: not tried yet
 
+# The op's schema and FLOP count exist from import on (a FlopCounterMode entered before the build
+# counts it too); the C++ source registers its CPU kernel when built.
+_LIBRARY = th.library.Library("sb3_tdmpc_cpu", "DEF")
+_LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor")
+
+
+@register_flop_formula(th.ops.sb3_tdmpc_cpu.linear_elu)
+def _linear_elu_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
+    return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # its matmul's, as FlopCounterMode counts mm
+
 
 def load() -> bool:
     """Build (once per machine) and load the kernels; whether they are available."""
@@ -55,11 +65,6 @@ def _build() -> bool:
             stacklevel=2,
         )
         return False
-
-    @register_flop_formula(th.ops.sb3_tdmpc_cpu.linear_elu)
-    def _linear_elu_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
-        return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # its matmul's, as FlopCounterMode counts mm
-
     return True
 
 

@@ -121,10 +121,7 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
 
 }  // namespace
 
-TORCH_LIBRARY(sb3_tdmpc_cpu, m) {
-  m.def("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor");
-}
-
+// The schema is defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
 TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("linear_elu", &linear_elu);
 }
