@@ -3,8 +3,8 @@ Fused CPU kernels (``csrc/``), built on first use by torch's C++ extension loade
 
 The build needs a C++ compiler and ninja (``pip install ninja``); it takes about 20 s once per
 machine and is cached in ``TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where it cannot
-be built, or with ``SB3_TDMPC_CPU_KERNELS=0``, the networks run the same computation in PyTorch
-ops (one warning says why). docs/performance.md measures the kernels; tests/test_equivalence.py
+be built (one warning says why), or with ``SB3_TDMPC_CPU_KERNELS=0``, the networks run the same
+computation in PyTorch ops. docs/performance.md measures the kernels; tests/test_equivalence.py
 checks them against PyTorch's.
 """
 
