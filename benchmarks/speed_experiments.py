@@ -231,7 +231,7 @@ class _FrozenQMemberByAutograd:
         norm_weight, norm_bias, w2, b2, w3, b3 = weights
         h = policies.add_narrow_matmul(z_part, action, w_a)
         h = policies.tanh_(F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias))
-        return policies.affine(elu_(policies.affine(h, w2, b2)), w3, b3)
+        return policies.affine(policies.affine_elu(h, w2, b2), w3, b3)
 
 
 # The policy prior step's Q by autograd (as before Nov 30's ``_FrozenQMember``).
@@ -256,13 +256,8 @@ def _sigmoid_tanh(x: th.Tensor) -> th.Tensor:
 # tanh (Q's, after the LayerNorm) as Inductor's sigmoid, not the rational function (``_rational_tanh``).
 SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
 
-
-def _no_cpu_kernels(x: th.Tensor) -> bool:
-    return False
-
-
 # Every Linear-ELU layer as PyTorch ops (a matmul, then the ELU), not the fused CPU kernel.
-NO_CPU_KERNELS = {"cpu_kernels_apply": _no_cpu_kernels}
+NO_CPU_KERNELS = {"cpu_kernels_apply": _never}
 
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 

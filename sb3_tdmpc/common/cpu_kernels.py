@@ -1,8 +1,8 @@
 """
 Fused CPU kernels (``csrc/``), built on first use by torch's C++ extension loader.
 
-The build needs a C++ compiler and ninja (``pip install ninja``); it takes about 20 s once per
-machine and is cached in ``TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where it cannot
+The build needs a C++ compiler and ninja (``pip install ninja``); it runs once per machine and
+torch version and is cached in ``TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where it cannot
 be built (one warning says why), or with ``SB3_TDMPC_CPU_KERNELS=0``, the networks run the same
 computation in PyTorch ops. docs/performance.md measures the kernels; tests/test_equivalence.py
 checks them against PyTorch's.

@@ -655,7 +655,9 @@ class WorldModel(nn.Module):
         """d and R after their stacked first layer and its ELU, ``[N, 2 * mlp_dim]``."""
         width = self.dynamics[0].out_features
         z, r = hidden[:, :width], hidden[:, width:]
-        *hidden_layers, (d_out, r_out) = list(zip(self.dynamics[2::2], self.reward[2::2], strict=True))
+        # list(...)[2::2], not Sequential slicing, which builds a new module per call (on the planner's path)
+        layers = list(zip(list(self.dynamics)[2::2], list(self.reward)[2::2], strict=True))
+        *hidden_layers, (d_out, r_out) = layers
         for d_layer, r_layer in hidden_layers:
             z = affine_elu(z, d_layer.weight.t(), d_layer.bias)
             r = affine_elu(r, r_layer.weight.t(), r_layer.bias)
