@@ -236,8 +236,8 @@ def close(a: th.Tensor, b: th.Tensor, atol: float = ATOL, rtol: float = 1e-4) ->
 
 
 @pytest.fixture(params=["cpu kernels", "pytorch ops"])
-def linear_elu_path(request, monkeypatch):
-    """Each Linear-ELU layer by the fused CPU kernel (where it builds) or by PyTorch ops."""
+def cpu_kernel_path(request, monkeypatch):
+    """Linear-ELU layers and Q's LayerNorm-tanh by the fused CPU kernels (where they build) or PyTorch ops."""
     if request.param == "pytorch ops":
         monkeypatch.setattr(policies, "cpu_kernels_apply", lambda x: False)
     elif not cpu_kernels.load():
@@ -246,7 +246,7 @@ def linear_elu_path(request, monkeypatch):
 
 
 @pytest.mark.parametrize("batch_shape", [(7,), (3, 5), (2, 4, 6)])
-def test_networks_match_the_plain_modules(batch_shape, linear_elu_path):
+def test_networks_match_the_plain_modules(batch_shape, cpu_kernel_path):
     policy = make_policy()
     model = policy.model
     obs, z, a = th.randn(*batch_shape, 6), th.randn(*batch_shape, 8), th.rand(*batch_shape, 3) * 2 - 1
@@ -265,7 +265,7 @@ def gradients(loss: th.Tensor, tensors: list[th.Tensor]) -> list[th.Tensor]:
     return list(th.autograd.grad(loss, tensors, allow_unused=True))
 
 
-def test_gradients_match_the_plain_modules(linear_elu_path):
+def test_gradients_match_the_plain_modules(cpu_kernel_path):
     policy = make_policy()
     model = policy.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -504,6 +504,53 @@ def test_fused_linear_elu_is_within_1e_7_of_elu():
     assert (got.double() - F.elu(values.double())).abs().max() <= 1e-7
 
 
+@pytest.mark.parametrize("rows", [1, 37, 2600])
+def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
+    """
+    tanh(LayerNorm) by the fused CPU kernel: values, native_layer_norm's statistics, gradients (input,
+    weight, bias), in place without a gradient; a NaN or an infinity makes its row NaN, as ATen's.
+    """
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    gen = th.Generator().manual_seed(0)
+    wide = th.randn(rows, 45, generator=gen) * 3 + 1
+    h = wide[:, 2:42].requires_grad_(True)  # rows 45 floats apart; 40 columns: a vectorised part and a tail
+    weight = (th.randn(40, generator=gen) + 1).requires_grad_(True)
+    bias = th.randn(40, generator=gen).requires_grad_(True)
+    fused = policies.layer_norm_tanh(h, weight, bias)
+    expected = th.tanh(F.layer_norm(h, (40,), weight, bias))
+    assert close(fused, expected)
+    upstream = th.randn(rows, 40, generator=gen)
+    got = gradients((fused * upstream).sum(), [h, weight, bias])
+    want = gradients((expected * upstream).sum(), [h, weight, bias])
+    assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
+    with th.no_grad():
+        out, mean, rstd = policies.layer_norm_tanh_with_statistics(h, weight, bias)
+        _, ref_mean, ref_rstd = th.native_layer_norm(h, [40], weight, bias, 1e-5)
+        assert close(out, expected) and close(mean, ref_mean) and close(rstd, ref_rstd)
+        fresh = h.detach().clone()
+        in_place = policies.layer_norm_tanh(fresh, weight, bias)
+        assert in_place.data_ptr() == fresh.data_ptr() and close(in_place, expected)
+        special = th.zeros(4, 40)
+        special[0, 3], special[1, 38], special[2, 5] = float("nan"), float("inf"), -float("inf")
+        got = policies.layer_norm_tanh(special, weight, bias)
+        assert got[:3].isnan().all() and got[3].isfinite().all()
+
+
+def test_fused_layer_norm_tanh_is_within_six_ulp_of_tanh():
+    """The kernel's tanh (rational, as the compiled path's) over [-12, 12] and tiny values."""
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    tiny = th.logspace(-30, 1, 10_001)
+    values = th.cat([th.linspace(-12.0, 12.0, 1_000_001), tiny, -tiny])
+    with th.no_grad():  # a row of zeros normalises to 0: tanh(0 * weight + bias) = tanh(bias)
+        got = policies.layer_norm_tanh(th.zeros(1, len(values)), th.zeros(len(values)), values)[0].double()
+    want = th.tanh(values.double())
+    magnitude = want.float().abs()
+    ulp = (th.nextafter(magnitude, th.tensor(float("inf"))) - magnitude).double()
+    assert ((got - want).abs() / ulp).max().item() < 6
+
+
 def test_cpu_kernels_fall_back_to_pytorch_ops_with_a_warning(monkeypatch):
     """Switched off: no build, no warning. A failed build (a missing source): one warning, PyTorch ops."""
     monkeypatch.setattr(cpu_kernels, "_loaded", None)
@@ -518,6 +565,9 @@ def test_cpu_kernels_fall_back_to_pytorch_ops_with_a_warning(monkeypatch):
         assert not cpu_kernels.load()
     x, weight_t, bias = th.randn(5, 4), th.randn(4, 3), th.randn(3)
     assert close(policies.affine_elu(x, weight_t, bias), F.elu(x @ weight_t + bias))
+    h, weight = th.randn(5, 4), th.randn(4)
+    expected = th.tanh(F.layer_norm(h, (4,), weight, bias[:1].expand(4)))
+    assert close(policies.layer_norm_tanh(h.clone(), weight, bias[:1].expand(4)), expected)
 
 
 @pytest.mark.slow

@@ -18,13 +18,19 @@ from typing import Any
 import torch as th
 from torch.utils.flop_counter import register_flop_formula
 
-_SOURCES = [str(Path(__file__).with_name("csrc") / "linear_elu.cpp")]
+_SOURCES = [
+    str(Path(__file__).with_name("csrc") / name) for name in ("linear_elu.cpp", "layer_norm_tanh.cpp")
+]
 _loaded: bool | None = None  # None: not tried yet
 
-# The op's schema and FLOP count exist from import on (a FlopCounterMode entered before the build
-# counts it too); the C++ source registers its CPU kernel when built.
+# The ops' schemas and FLOP counts exist from import on (a FlopCounterMode entered before the build
+# counts them too); the C++ sources register their CPU kernels when built.
 _LIBRARY = th.library.Library("sb3_tdmpc_cpu", "DEF")
 _LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor")
+_LIBRARY.define(
+    "layer_norm_tanh(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, float eps) -> ()")
 
 
 @register_flop_formula(th.ops.sb3_tdmpc_cpu.linear_elu)
@@ -71,3 +77,19 @@ def _build() -> bool:
 def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     """``ELU(x @ weight_t + bias)`` for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient."""
     return th.ops.sb3_tdmpc_cpu.linear_elu(x, weight_t, bias)
+
+
+def layer_norm_tanh(
+    x: th.Tensor, weight: th.Tensor, bias: th.Tensor, eps: float = 1e-5
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    ``tanh(F.layer_norm(x, ...))`` over the last dimension of a 2-D float32 CPU ``x`` (needs
+    :func:`load`), no gradient; with ``native_layer_norm``'s mean and rstd ``[N, 1]``.
+    """
+    return th.ops.sb3_tdmpc_cpu.layer_norm_tanh(x, weight, bias, eps)
+
+
+def layer_norm_tanh_(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, eps: float = 1e-5) -> th.Tensor:
+    """:func:`layer_norm_tanh` in place (``x``'s rows contiguous), without the statistics."""
+    th.ops.sb3_tdmpc_cpu.layer_norm_tanh_(x, weight, bias, eps)
+    return x

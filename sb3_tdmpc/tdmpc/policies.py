@@ -118,6 +118,7 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
 # docs/performance.md measures each; tests/test_equivalence.py checks compiled against eager.
 
 _ROW_BLOCK = 512
+_LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's, as TD-MPC's Q
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
 _EXP_POLY = (  # Cephes' expf, in ascending powers
     0.5,
@@ -321,9 +322,7 @@ class _FrozenQMember(th.autograd.Function):
         b3: th.Tensor,
     ) -> th.Tensor:
         h1 = add_narrow_matmul(z_part, action, w_a)
-        # F.layer_norm's, with the statistics that the backward reads
-        y, mean, rstd = th.native_layer_norm(h1, [h1.shape[-1]], norm_weight, norm_bias, 1e-5)
-        t = tanh_(y)
+        t, mean, rstd = layer_norm_tanh_with_statistics(h1, norm_weight, norm_bias)
         e2 = affine_elu(t, w2, b2)
         ctx.save_for_backward(h1, mean, rstd, t, e2, w_a, norm_weight, w2, w3)
         return affine(e2, w3, b3)
@@ -435,6 +434,51 @@ def tanh_(x: th.Tensor) -> th.Tensor:
         return _Tanh.apply(x)
     # compiling, rational: Inductor's tanh and sigmoid (Sleef's exp) cost more than Q's LayerNorm
     return _rational_tanh(x) if th.compiler.is_compiling() else _sigmoid_tanh_(x)
+
+
+class _LayerNormTanh(th.autograd.Function):
+    """``tanh(LayerNorm(h))`` by the fused CPU kernel; ATen's backward from the output and statistics."""
+
+    @staticmethod
+    def forward(ctx: Any, h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+        out, mean, rstd = cpu_kernels.layer_norm_tanh(h, weight, bias, _LAYER_NORM_EPS)
+        ctx.save_for_backward(h, weight, bias, mean, rstd, out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
+        h, weight, bias, mean, rstd, out = ctx.saved_tensors
+        grad = th.ops.aten.tanh_backward(grad, out)
+        return th.ops.aten.native_layer_norm_backward(
+            grad, h, [h.shape[-1]], mean, rstd, weight, bias, list(ctx.needs_input_grad)
+        )
+
+
+def layer_norm_tanh(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    """
+    ``tanh(LayerNorm(h))`` over the last dimension (Q's first activation) of a fresh intermediate
+    ``h [N, C]``, which it may overwrite: on CPU (eager), one fused kernel, one pass per row in cache.
+    """
+    grad = th.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad)
+    if cpu_kernels_apply(h):
+        if grad:
+            return _LayerNormTanh.apply(h, weight, bias)
+        return cpu_kernels.layer_norm_tanh_(h, weight, bias, _LAYER_NORM_EPS)
+    if h.device.type == "cpu" and not grad and not _compiling_for_cpu(h):
+        # tanh(y) = 2 sigmoid(2y) - 1, with the (exact) factor 2 in the LayerNorm's affine
+        h = F.layer_norm(h, h.shape[-1:], weight * 2.0, bias * 2.0, _LAYER_NORM_EPS)
+        return h.sigmoid_().mul_(2.0).sub_(1.0)
+    return tanh_(F.layer_norm(h, h.shape[-1:], weight, bias, _LAYER_NORM_EPS))
+
+
+def layer_norm_tanh_with_statistics(
+    h: th.Tensor, weight: th.Tensor, bias: th.Tensor
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """:func:`layer_norm_tanh` without autograd, with the mean and rstd that its backward reads."""
+    if cpu_kernels_apply(h):
+        return cpu_kernels.layer_norm_tanh(h, weight, bias, _LAYER_NORM_EPS)
+    y, mean, rstd = th.native_layer_norm(h, [h.shape[-1]], weight, bias, _LAYER_NORM_EPS)
+    return tanh_(y), mean, rstd
 
 
 def is_elu_mlp(net: nn.Module) -> bool:
@@ -582,13 +626,7 @@ class QEnsemble(nn.Module):
                 h = add_narrow_matmul(z_part, action, w_a)
             else:
                 h = affine(x, w1[q], b1[q, 0])
-            norm_weight, norm_bias = self.norm_weight[q, 0], self.norm_bias[q, 0]
-            if h.device.type == "cpu" and not (grad and h.requires_grad) and not _compiling_for_cpu(h):
-                # tanh(y) = 2 sigmoid(2y) - 1, with the (exact) factor 2 in the LayerNorm's affine
-                h = F.layer_norm(h, (self.hidden_dim,), norm_weight * 2.0, norm_bias * 2.0)
-                h = h.sigmoid_().mul_(2.0).sub_(1.0)
-            else:
-                h = tanh_(F.layer_norm(h, (self.hidden_dim,), norm_weight, norm_bias))
+            h = layer_norm_tanh(h, self.norm_weight[q, 0], self.norm_bias[q, 0])
             h = affine_elu(h, w2[q], b2[q, 0])
             values.append(affine(h, w3[q], b3[q, 0]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
