@@ -230,7 +230,7 @@ class _FrozenQMemberByAutograd:
     def apply(z_part: th.Tensor, action: th.Tensor, w_a: th.Tensor, *weights: th.Tensor) -> th.Tensor:
         norm_weight, norm_bias, w2, b2, w3, b3 = weights
         h = policies.add_narrow_matmul(z_part, action, w_a)
-        h = policies.tanh_(F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias))
+        h = policies.layer_norm_tanh(h, norm_weight, norm_bias)
         return policies.affine(policies.affine_elu(h, w2, b2), w3, b3)
 
 
@@ -256,8 +256,33 @@ def _sigmoid_tanh(x: th.Tensor) -> th.Tensor:
 # tanh (Q's, after the LayerNorm) as Inductor's sigmoid, not the rational function (``_rational_tanh``).
 SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
 
-# Every Linear-ELU layer as PyTorch ops (a matmul, then the ELU), not the fused CPU kernel.
+# Every Linear-ELU layer and Q's LayerNorm-tanh as PyTorch ops, not the fused CPU kernels.
 NO_CPU_KERNELS = {"cpu_kernels_apply": _never}
+
+_LAYER_NORM_TANH, _LAYER_NORM_TANH_WITH_STATISTICS = (
+    policies.layer_norm_tanh,
+    policies.layer_norm_tanh_with_statistics,
+)
+
+
+def _layer_norm_tanh_by_pytorch_ops(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
+    with patched(NO_CPU_KERNELS):
+        return _LAYER_NORM_TANH(h, weight, bias)
+
+
+def _layer_norm_tanh_with_statistics_by_pytorch_ops(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> Any:
+    with patched(NO_CPU_KERNELS):
+        return _LAYER_NORM_TANH_WITH_STATISTICS(h, weight, bias)
+
+
+# Q's LayerNorm-tanh as PyTorch ops (ATen's layer_norm, then 2 sigmoid(2x) - 1), the Linear-ELU kernel kept.
+NO_LAYER_NORM_TANH_KERNEL = {
+    "layer_norm_tanh": _layer_norm_tanh_by_pytorch_ops,
+    "layer_norm_tanh_with_statistics": _layer_norm_tanh_with_statistics_by_pytorch_ops,
+}
+
+# The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
+UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
@@ -266,6 +291,8 @@ COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 COMPILE_SETTINGS = [
     ("eager", False, None, {}),
     ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
+    ("eager, Q's LayerNorm-tanh by PyTorch ops", False, None, NO_LAYER_NORM_TANH_KERNEL),
+    ("eager, input gradients by one matmul (no row blocks)", False, None, UNBLOCKED_INPUT_GRADIENTS),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),

@@ -459,7 +459,7 @@ def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 37, 2600])  # 2600: each thread's own row blocks
 def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
-    """The fused CPU kernel: F.elu(F.linear) values, gradients (weights' in their own layout), FLOPs."""
+    """The fused CPU kernels: F.elu(F.linear) values, gradients (weights' in their own layout), FLOPs."""
     monkeypatch.setattr(cpu_kernels, "_loaded", None)  # built or loaded inside a FLOP counter
     with FlopCounterMode(display=False) as flops:
         policies.affine_elu(th.zeros(rows, 24), th.zeros(24, 40), th.zeros(40))
@@ -481,7 +481,11 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
         expected = F.elu(x @ weight_t + bias)
         assert close(fused, expected)
         upstream = th.randn(rows, 40, generator=gen)
-        got = gradients((fused * upstream).sum(), [x, weight, bias])
+        with FlopCounterMode(display=False) as flops:
+            got = gradients((fused * upstream).sum(), [x, weight, bias])
+        assert (
+            flops.get_flop_counts()["Global"][th.ops.sb3_tdmpc_cpu.mm] == 2 * rows * 40 * 24
+        )  # input gradient
         want = gradients((expected * upstream).sum(), [x, weight, bias])
         assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
         assert got[1].stride() == weight.stride()  # AccumulateGrad would copy any other layout

@@ -27,15 +27,16 @@ _loaded: bool | None = None  # None: not tried yet
 # counts them too); the C++ sources register their CPU kernels when built.
 _LIBRARY = th.library.Library("sb3_tdmpc_cpu", "DEF")
 _LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor")
+_LIBRARY.define("mm(Tensor x, Tensor weight) -> Tensor")
 _LIBRARY.define(
     "layer_norm_tanh(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
 )
 _LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, float eps) -> ()")
 
 
-@register_flop_formula(th.ops.sb3_tdmpc_cpu.linear_elu)
-def _linear_elu_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
-    return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # its matmul's, as FlopCounterMode counts mm
+@register_flop_formula([th.ops.sb3_tdmpc_cpu.linear_elu, th.ops.sb3_tdmpc_cpu.mm])
+def _matmul_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
+    return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # the matmul's, as FlopCounterMode counts mm
 
 
 def load() -> bool:
@@ -77,6 +78,11 @@ def _build() -> bool:
 def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     """``ELU(x @ weight_t + bias)`` for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient."""
     return th.ops.sb3_tdmpc_cpu.linear_elu(x, weight_t, bias)
+
+
+def mm(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
+    """``x @ weight`` for 2-D float32 CPU tensors (needs :func:`load`); many rows in row blocks per thread."""
+    return th.ops.sb3_tdmpc_cpu.mm(x, weight)
 
 
 def layer_norm_tanh(

@@ -263,8 +263,7 @@ def _matmul_backward(
     """The gradients of ``x @ weight_t`` (2-D) that ``needs_grad`` asks for, given the output's."""
     grad_x = grad_w = None
     if needs_grad[0]:
-        blocked = _compiling_for_cpu(grad) and grad.shape[0] >= 2 * _ROW_BLOCK  # eager, cat would copy
-        grad_x = _row_blocked_mm(grad, weight_t.t()) if blocked else th.mm(grad, weight_t.t())
+        grad_x = matmul(grad, weight_t.t())
     if needs_grad[1]:
         # In weight_t's own layout: an nn.Linear weight's (weight.t(), column-major) as (g^T x)^T,
         # so that the parameter receives a gradient with its own strides (AccumulateGrad copies
@@ -276,6 +275,18 @@ def _matmul_backward(
 
 def _row_blocked_mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
     return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
+
+
+def matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
+    """
+    ``x @ weight`` (2-D), on CPU over many rows in row blocks: eager, each thread's own (the C++
+    kernel's, where it builds); compiled, :data:`_ROW_BLOCK`-row matmuls (eager, their ``cat`` would copy).
+    """
+    if cpu_kernels_apply(x):
+        return cpu_kernels.mm(x, weight)
+    if _compiling_for_cpu(x) and x.shape[0] >= 2 * _ROW_BLOCK:
+        return _row_blocked_mm(x, weight)
+    return th.mm(x, weight)
 
 
 class _AffineELU(th.autograd.Function):

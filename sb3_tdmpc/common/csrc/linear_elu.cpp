@@ -1,10 +1,10 @@
-// ELU(x @ weight_t + bias) on CPU with one pass over the output after the GEMM. Below 512 rows per
-// thread (the planner's layers), MKL's GEMM with its own threads, then the bias and the ELU in one
-// vectorised pass while the product is still in cache. From there on (the update's horizon x batch),
-// each thread multiplies its own blocks of rows (MKL's GEMM, single-threaded inside the parallel
-// region) and applies the bias and the ELU to each block in L2: on this machine faster than MKL's
-// two-thread GEMM alone for those shapes. docs/performance.md measures it; tests/test_equivalence.py
-// checks it.
+// ELU(x @ weight_t + bias), and x @ w, on CPU. Below 512 rows per thread (the planner's layers), MKL's
+// GEMM with its own threads, then for linear_elu the bias and the ELU in one vectorised pass while the
+// product is still in cache. From there on (the update's horizon x batch), each thread multiplies its
+// own blocks of 128 rows (MKL's GEMM, single-threaded inside the parallel region), and linear_elu
+// applies the bias and the ELU to each block in L2: on this machine MKL's two-thread GEMM runs those
+// tall shapes about 15% slower per FLOP than its GEMM on such blocks. docs/performance.md measures it;
+// tests/test_equivalence.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -83,27 +83,14 @@ void add_bias_elu(float* __restrict row, const float* __restrict bias, int64_t n
   }
 }
 
-at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight_t.dim() == 2 && bias.dim() == 1, "linear_elu: x [N, K], weight_t [K, M], bias [M]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight_t.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat,
-              "linear_elu: float32 tensors");
-  TORCH_CHECK(x.size(1) == weight_t.size(0) && weight_t.size(1) == bias.size(0), "linear_elu: shapes do not match");
-  const auto input = x.stride(1) == 1 ? x : x.contiguous();  // any row stride: MKL reads it
-  const auto bias_c = bias.contiguous();
-  const int64_t rows = input.size(0), width = weight_t.size(1);
-  auto out = at::empty({rows, width}, input.options());
-  const int64_t threads = at::get_num_threads();
-  const float* bias_ptr = bias_c.const_data_ptr<float>();
-  if (rows < threads * kBlockedFromRowsPerThread) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
-    at::mm_out(out, input, weight_t);
-    float* data = out.data_ptr<float>();
-    at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
-      for (int64_t row = first; row < last; ++row) add_bias_elu(data + row * width, bias_ptr, width);
-    });
-    return out;
-  }
-  // Blocks of about kBlockRows rows, as many per thread, so that the threads finish together.
+// Whether `rows` are many enough for each thread's own row blocks.
+bool row_blocked(int64_t rows) { return rows >= at::get_num_threads() * kBlockedFromRowsPerThread; }
+
+// out = input @ weight, each thread over its own blocks of about kBlockRows rows (as many per thread,
+// so that the threads finish together), then `epilogue(block_data, block_rows)` on each block in L2.
+template <typename Epilogue>
+void row_blocked_mm_out(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
+  const int64_t rows = input.size(0), threads = at::get_num_threads();
   const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
   const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
   at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
@@ -112,17 +99,60 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
       const int64_t start = block * block_rows, stop = std::min(rows, start + block_rows);
       if (start >= stop) continue;
       auto out_block = out.narrow(0, start, stop - start);
-      at::mm_out(out_block, input.narrow(0, start, stop - start), weight_t);
-      float* data = out_block.data_ptr<float>();
-      for (int64_t row = 0; row < stop - start; ++row) add_bias_elu(data + row * width, bias_ptr, width);
+      at::mm_out(out_block, input.narrow(0, start, stop - start), weight);
+      epilogue(out_block.data_ptr<float>(), stop - start);
     }
   });
+}
+
+void check_matmul(const char* name, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, name, ": x [N, K], weight [K, M]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, name, ": float32 tensors");
+  TORCH_CHECK(x.size(1) == weight.size(0), name, ": shapes do not match");
+}
+
+at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
+  check_matmul("linear_elu", x, weight_t);
+  TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && weight_t.size(1) == bias.size(0),
+              "linear_elu: bias [M], float32");
+  const auto input = x.stride(1) == 1 ? x : x.contiguous();  // any row stride: MKL reads it
+  const auto bias_c = bias.contiguous();
+  const int64_t rows = input.size(0), width = weight_t.size(1);
+  auto out = at::empty({rows, width}, input.options());
+  const float* bias_ptr = bias_c.const_data_ptr<float>();
+  const auto add_bias_elu_rows = [&](float* data, int64_t n) {
+    for (int64_t row = 0; row < n; ++row) add_bias_elu(data + row * width, bias_ptr, width);
+  };
+  if (row_blocked(rows)) {
+    row_blocked_mm_out(input, weight_t, out, add_bias_elu_rows);
+    return out;
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
+    at::mm_out(out, input, weight_t);
+  }
+  float* data = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { add_bias_elu_rows(data + first * width, last - first); });
+  return out;
+}
+
+// x @ weight: MKL's GEMM, in each thread's own row blocks over many rows (the backward's input gradients).
+at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
+  check_matmul("mm", x, weight);
+  if (!row_blocked(x.size(0))) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return at::mm(x, weight);
+  }
+  const auto input = x.stride(1) == 1 ? x : x.contiguous();
+  auto out = at::empty({input.size(0), weight.size(1)}, input.options());
+  row_blocked_mm_out(input, weight, out, [](float*, int64_t) {});
   return out;
 }
 
 }  // namespace
 
-// The schema is defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
+// The schemas are defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
 TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("linear_elu", &linear_elu);
+  m.impl("mm", &mm);
 }
