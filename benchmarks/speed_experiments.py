@@ -129,26 +129,33 @@ def chain_variants() -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
 def interleaved(
     floor: Callable[[], float], variants: dict[str, Callable[[], Any]], rounds: int, grad: bool = False
 ) -> None:
-    """Time each variant once per round against ``floor()`` (seconds) measured in the same round."""
+    """
+    Time each variant once per round against ``floor()`` (seconds) measured in the same round, the
+    order reversed every other round; "x first" is the median over rounds of each variant's time over
+    the first variant's in the same round (paired: robust to the host's load drifting between rounds).
+    """
     ratios: dict[str, list[float]] = {name: [] for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with contextlib.nullcontext() if grad else th.inference_mode():
         for fn in variants.values():
             fn()
             fn()
-        for _ in range(rounds):
-            for name, fn in variants.items():
+        for round_index in range(rounds):
+            order = list(variants.items())
+            for name, fn in order if round_index % 2 == 0 else reversed(order):
                 start = time.perf_counter()
                 fn()
                 elapsed = time.perf_counter() - start
                 times[name].append(elapsed)
                 ratios[name].append(elapsed / floor())
-    print("| variant | median ms | x floor (median) | x floor (min) |")
-    print("|---|---|---|---|")
+    first = times[next(iter(variants))]
+    print("| variant | median ms | x floor (median) | x floor (min) | x first (paired median) |")
+    print("|---|---|---|---|---|")
     for name in variants:
+        paired = statistics.median(t / f for t, f in zip(times[name], first, strict=True))
         print(
             f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | "
-            f"**{statistics.median(ratios[name]):.2f}** | {min(ratios[name]):.2f} |"
+            f"**{statistics.median(ratios[name]):.2f}** | {min(ratios[name]):.2f} | {paired:.3f} |"
         )
 
 
