@@ -284,13 +284,16 @@ def kernel_profile() -> Any:
 
 # Profile categories: ATen op name -> where the time goes.
 CATEGORIES = {
-    "matmul (mm, addmm, bmm, mv)": ("mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "linear"),
+    "matmul (mm, addmm, bmm, mv)": (
+        "mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "linear", "sb3_tdmpc_cpu::mm",
+    ),
     "matmul and ELU in one kernel (sb3_tdmpc's linear_elu)": ("sb3_tdmpc_cpu::linear_elu",),
     "ELU (exp, clamp, maximum, sub) and its backward": (
         "exp", "exp_", "clamp", "clamp_", "clamp_min", "clamp_max", "maximum", "sub_", "elu", "elu_backward",
     ),
     "LayerNorm, tanh/sigmoid and their backward": (
         "native_layer_norm", "native_layer_norm_backward", "sigmoid", "sigmoid_", "tanh", "tanh_backward",
+        "sb3_tdmpc_cpu::layer_norm_tanh", "sb3_tdmpc_cpu::layer_norm_tanh_",
     ),
     "copies, cat, stack": ("copy_", "cat", "stack", "clone", "contiguous", "_to_copy"),
     "optimizer (fused Adam), grad norm": (

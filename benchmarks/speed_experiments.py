@@ -366,13 +366,22 @@ def _with_patches(fn: Callable[[], None], patches: dict[str, Any]) -> Callable[[
 def plan_and_update_variants(
     selected: list[str] | None = None,
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
-    """Plan and update of each of COMPILE_SETTINGS (those whose name contains one of ``selected``)."""
+    """
+    Plan and update of each of COMPILE_SETTINGS (those whose name contains one of ``selected``). The
+    eager variants share one model: different models (the same code, other buffers) differ by a few
+    percent in a run, as much as some of the variants.
+    """
     obs = th.randn(1, speed.OBS_DIM)
     plans, updates = {}, {}
+    eager: tuple[Callable[[], Any], Callable[[], Any]] | None = None
     for name, torch_compile, options, patches in COMPILE_SETTINGS:
         if selected and not any(part in name for part in selected):
             continue
-        plan, update = speed.plan_and_update(compiled_model(torch_compile, options), 5, obs)
+        if torch_compile:
+            plan, update = speed.plan_and_update(compiled_model(torch_compile, options), 5, obs)
+        else:
+            eager = eager or speed.plan_and_update(compiled_model(False, None), 5, obs)
+            plan, update = eager
         plans[name], updates[name] = _with_patches(plan, patches), _with_patches(update, patches)
     return plans, updates
 
