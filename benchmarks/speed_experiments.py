@@ -31,6 +31,9 @@ rerun them.
 5. ``policy step`` (``--policy-step-rounds``): the policy prior step alone (after an untimed
    world-model step) of the plan/update variants, in turn round after round: its Q backward
    (``policies._FrozenQMember``) against autograd's and against one over all rows.
+6. ``tall matmuls`` (``--tall-rounds``): the update's [2560 or 3072, 512] x [512, 512] matmuls (an
+   input gradient over horizon x batch rows) by ATen (MKL's threads) and by the fused CPU kernels'
+   per-thread row blocks (``cpu_kernels.mm``), interleaved with the floor's matmul.
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -42,6 +45,8 @@ round. Run from the repository root (compiling takes a few minutes the first tim
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 20
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
         --policy-step-rounds 40 --variant eager --variant "policy step" --variant default
+    python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
+        --tall-rounds 40
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py: model, timer and floor of the speed benchmark)
 
+from sb3_tdmpc.common import cpu_kernels  # noqa: E402
 from sb3_tdmpc.common.buffers import SumTree  # noqa: E402
 from sb3_tdmpc.tdmpc import policies  # noqa: E402
 from sb3_tdmpc.tdmpc.policies import elu_  # noqa: E402
@@ -416,6 +422,36 @@ def floor_matmul_hot_and_cold(rounds: int, pool_bytes: float = 256e6) -> None:
     print(f"| cold ({pairs} pairs, {pool_bytes / 1e6:.0f} MB) | {cold:.0f} | {cold / hot:.2f} |")
 
 
+def tall_matmuls(rounds: int) -> None:
+    """ATen's matmul against the kernels' per-thread row blocks on the update's tall shapes (see 6.)."""
+    if not cpu_kernels.load():
+        print("the fused CPU kernels could not be built here")
+        return
+    m, k, n = speed.MATMUL_SHAPE
+    floor_a, floor_b = th.randn(m, k), th.randn(k, n)
+    row_major, column_major = th.randn(512, 512), th.randn(512, 512).t()  # Q's [in, out]; an nn.Linear's
+    cases: dict[str, tuple[Callable[[], Any], int]] = {
+        "floor (536 x 512 x 512)": (lambda: th.mm(floor_a, floor_b), m)
+    }
+    for rows in (2560, 3072):
+        x = th.randn(rows, 512)
+        for layout, weight in (("row-major", row_major), ("column-major", column_major)):
+            for how, mm in (("ATen", th.mm), ("row blocks", cpu_kernels.mm)):
+                cases[f"{rows} rows, {layout} weight, {how}"] = (lambda mm=mm, x=x, w=weight: mm(x, w), rows)
+    gflops: dict[str, list[float]] = {name: [] for name in cases}
+    for fn, _ in cases.values():
+        fn()
+    for _ in range(rounds):
+        for name, (fn, rows) in cases.items():
+            start = time.perf_counter()
+            fn()
+            gflops[name].append(2 * rows * k * n / (time.perf_counter() - start) / 1e9)
+    floor = statistics.median(gflops["floor (536 x 512 x 512)"])
+    print("| matmul | GFLOP/s (median) | x the floor's |\n|---|---|---|")
+    for name, values in gflops.items():
+        print(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / floor:.2f} |")
+
+
 class _GemmClock:
     """
     The time and FLOPs of every matmul that a compiled plan or update runs, as Inductor's Python
@@ -560,6 +596,9 @@ def main() -> None:
         help="rounds of the policy prior step experiment (0: none)",
     )
     parser.add_argument(
+        "--tall-rounds", type=int, default=0, help="rounds of the tall matmul experiment (0: none)"
+    )
+    parser.add_argument(
         "--variant", action="append", default=None, help="plan/update variants whose name contains this"
     )
     args = parser.parse_args()
@@ -581,6 +620,10 @@ def main() -> None:
         floor_matmul_hot_and_cold(10 * args.gemm_rounds)
         print("\nmatmuls of the compiled plan and update (horizon 5), timed where they run")
         gemm_accounting(args.gemm_rounds)
+
+    if args.tall_rounds > 0:
+        print("\ntall matmuls: [rows, 512] x [512, 512], ATen against per-thread row blocks")
+        tall_matmuls(args.tall_rounds)
 
     if args.policy_step_rounds > 0:
         print("\npolicy prior step alone: paper settings, horizon 5")
