@@ -1,8 +1,8 @@
 // ELU(x @ weight_t + bias), and x @ w, on CPU. Below 512 rows per thread (the planner's layers), MKL's
-// GEMM with its own threads, then for linear_elu the bias and the ELU in one vectorised pass while the
+// GEMM with its own threads (onto the bias), then for linear_elu the ELU in one vectorised pass while the
 // product is still in cache. From there on (the update's horizon x batch), each thread multiplies its
 // own blocks of 128 rows (MKL's GEMM, single-threaded inside the parallel region), and linear_elu
-// applies the bias and the ELU to each block in L2: on this machine MKL's two-thread GEMM runs those
+// applies the ELU to each block in L2: on this machine MKL's two-thread GEMM runs those
 // tall shapes about 15% slower per FLOP than its GEMM on such blocks. docs/performance.md measures it;
 // tests/test_equivalence.py checks it.
 #include <ATen/ATen.h>
@@ -64,42 +64,54 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 #endif
 
-// row = ELU(row + bias) = max(v, exp(min(v, 0)) - 1), in place; a NaN stays NaN (max and min
-// return their second operand when one is NaN).
-void add_bias_elu(float* __restrict row, const float* __restrict bias, int64_t n) {
+// row = ELU(row) = max(v, exp(min(v, 0)) - 1), in place; a NaN stays NaN (max and min return their
+// second operand when one is NaN).
+void elu_in_place(float* __restrict row, int64_t n) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
   for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
+    const __m256 v = _mm256_loadu_ps(row + j);
     const __m256 e = _mm256_sub_ps(exp_nonpositive(_mm256_min_ps(v, zero)), one);
     _mm256_storeu_ps(row + j, _mm256_max_ps(e, v));
   }
 #endif
   for (; j < n; ++j) {
-    const float v = row[j] + bias[j];
+    const float v = row[j];
     const float e = exp_nonpositive(v < 0.f ? v : 0.f) - 1.f;
     row[j] = e > v ? e : v;
+  }
+}
+
+// out = input @ weight (+ bias, when defined). With the bias, ATen copies it into `out` and MKL's GEMM
+// adds the product to it (beta = 1); without, MKL first zeroes `out` (beta = 0), a pass of its own:
+// the copy costs less (docs/performance.md).
+void matmul_out(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
+  if (bias.defined()) {
+    at::addmm_out(out, bias.expand({input.size(0), weight.size(1)}), input, weight);
+  } else {
+    at::mm_out(out, input, weight);
   }
 }
 
 // Whether `rows` are many enough for each thread's own row blocks.
 bool row_blocked(int64_t rows) { return rows >= at::get_num_threads() * kBlockedFromRowsPerThread; }
 
-// out = input @ weight, each thread over its own blocks of about kBlockRows rows (as many per thread,
-// so that the threads finish together), then `epilogue(block_data, block_rows)` on each block in L2.
+// out = input @ weight (+ bias), each thread over its own blocks of about kBlockRows rows (as many per
+// thread, so that the threads finish together), then `epilogue(block_data, block_rows)` on each block in L2.
 template <typename Epilogue>
-void row_blocked_mm_out(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
+void row_blocked_matmul_out(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
+                            const Epilogue& epilogue) {
   const int64_t rows = input.size(0), threads = at::get_num_threads();
   const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
   const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
   at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start without it
     for (int64_t block = first; block < last; ++block) {
       const int64_t start = block * block_rows, stop = std::min(rows, start + block_rows);
       if (start >= stop) continue;
       auto out_block = out.narrow(0, start, stop - start);
-      at::mm_out(out_block, input.narrow(0, start, stop - start), weight);
+      matmul_out(out_block, input.narrow(0, start, stop - start), weight, bias);  // MKL single-threaded in here
       epilogue(out_block.data_ptr<float>(), stop - start);
     }
   });
@@ -116,23 +128,18 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
   TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && weight_t.size(1) == bias.size(0),
               "linear_elu: bias [M], float32");
   const auto input = x.stride(1) == 1 ? x : x.contiguous();  // any row stride: MKL reads it
-  const auto bias_c = bias.contiguous();
   const int64_t rows = input.size(0), width = weight_t.size(1);
   auto out = at::empty({rows, width}, input.options());
-  const float* bias_ptr = bias_c.const_data_ptr<float>();
-  const auto add_bias_elu_rows = [&](float* data, int64_t n) {
-    for (int64_t row = 0; row < n; ++row) add_bias_elu(data + row * width, bias_ptr, width);
+  const auto elu_rows = [&](float* data, int64_t n) {
+    for (int64_t row = 0; row < n; ++row) elu_in_place(data + row * width, width);
   };
   if (row_blocked(rows)) {
-    row_blocked_mm_out(input, weight_t, out, add_bias_elu_rows);
+    row_blocked_matmul_out(input, weight_t, bias, out, elu_rows);
     return out;
   }
-  {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
-    at::mm_out(out, input, weight_t);
-  }
+  matmul_out(out, input, weight_t, bias);
   float* data = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { add_bias_elu_rows(data + first * width, last - first); });
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { elu_rows(data + first * width, last - first); });
   return out;
 }
 
@@ -145,7 +152,7 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   }
   const auto input = x.stride(1) == 1 ? x : x.contiguous();
   auto out = at::empty({input.size(0), weight.size(1)}, input.options());
-  row_blocked_mm_out(input, weight, out, [](float*, int64_t) {});
+  row_blocked_matmul_out(input, weight, at::Tensor(), out, [](float*, int64_t) {});
   return out;
 }
 
