@@ -83,6 +83,25 @@ void elu_in_place(float* __restrict row, int64_t n) {
   }
 }
 
+float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
+  }
+  const __m256 acc = _mm256_add_ps(acc0, acc1);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  sum = _mm_cvtss_f32(s);
+#endif
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
 // out = input @ weight (+ bias, when defined). With the bias, ATen copies it into `out` and MKL's GEMM
 // adds the product to it (beta = 1); without, MKL first zeroes `out` (beta = 0), a pass of its own:
 // the copy costs less (docs/performance.md).
@@ -143,6 +162,43 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
   return out;
 }
 
+// ELU(x @ weight_t + bias) @ head + head_bias [N, 1] (a layer and a one-output head, without a
+// gradient): each row's ELU and its dot product with the head while the row is in L1, instead of a
+// single-threaded matrix-vector product that reads the activations back from memory.
+at::Tensor linear_elu_head(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
+                           const at::Tensor& head, const at::Tensor& head_bias) {
+  check_matmul("linear_elu_head", x, weight_t);
+  TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && weight_t.size(1) == bias.size(0),
+              "linear_elu_head: bias [M], float32");
+  TORCH_CHECK(head.dim() == 1 && head.scalar_type() == at::kFloat && head.size(0) == weight_t.size(1) &&
+                  head_bias.numel() == 1 && head_bias.scalar_type() == at::kFloat,
+              "linear_elu_head: head [M], head_bias [1], float32");
+  const auto input = x.stride(1) == 1 ? x : x.contiguous();
+  const auto head_c = head.contiguous();
+  const int64_t rows = input.size(0), width = weight_t.size(1);
+  auto hidden = at::empty({rows, width}, input.options());
+  auto out = at::empty({rows, 1}, input.options());
+  const float* head_ptr = head_c.const_data_ptr<float>();
+  const float offset = head_bias.item<float>();  // a CPU scalar: no device sync
+  float* out_ptr = out.data_ptr<float>();
+  float* hidden_ptr = hidden.data_ptr<float>();
+  const auto elu_dot_rows = [&](float* data, int64_t n) {
+    float* result = out_ptr + (data - hidden_ptr) / width;
+    for (int64_t row = 0; row < n; ++row) {
+      float* values = data + row * width;
+      elu_in_place(values, width);
+      result[row] = dot(values, head_ptr, width) + offset;
+    }
+  };
+  if (row_blocked(rows)) {
+    row_blocked_matmul_out(input, weight_t, bias, hidden, elu_dot_rows);
+    return out;
+  }
+  matmul_out(hidden, input, weight_t, bias);
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { elu_dot_rows(hidden_ptr + first * width, last - first); });
+  return out;
+}
+
 // x @ weight: MKL's GEMM, in each thread's own row blocks over many rows (the backward's input gradients).
 at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   check_matmul("mm", x, weight);
@@ -161,5 +217,6 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
 // The schemas are defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
 TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("linear_elu", &linear_elu);
+  m.impl("linear_elu_head", &linear_elu_head);
   m.impl("mm", &mm);
 }
