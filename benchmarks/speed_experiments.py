@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import statistics
 import sys
 import time
@@ -136,19 +137,23 @@ def interleaved(
     floor: Callable[[], float], variants: dict[str, Callable[[], Any]], rounds: int, grad: bool = False
 ) -> None:
     """
-    Time each variant once per round against ``floor()`` (seconds) measured in the same round, the
-    order reversed every other round; "x first" is the median over rounds of each variant's time over
-    the first variant's in the same round (paired: robust to the host's load drifting between rounds).
+    Time each variant once per round against ``floor()`` (seconds) measured in the same round, in an
+    order shuffled every round (with the order fixed or reversed each round, the variants at its ends
+    ran a few percent slower than the same code in the middle); "x first" is the median over rounds of
+    each variant's time over the first variant's in the same round (paired: robust to the host's load
+    drifting between rounds).
     """
+    shuffle = random.Random(0).shuffle
     ratios: dict[str, list[float]] = {name: [] for name in variants}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with contextlib.nullcontext() if grad else th.inference_mode():
         for fn in variants.values():
             fn()
             fn()
-        for round_index in range(rounds):
+        for _ in range(rounds):
             order = list(variants.items())
-            for name, fn in order if round_index % 2 == 0 else reversed(order):
+            shuffle(order)
+            for name, fn in order:
                 start = time.perf_counter()
                 fn()
                 elapsed = time.perf_counter() - start
