@@ -302,16 +302,6 @@ NO_LAYER_NORM_TANH_KERNEL = {
 # The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
 UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
-
-def _affine_elu_then_head(
-    x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor, head: th.Tensor, head_bias: th.Tensor
-) -> Any:
-    return policies.affine(policies.affine_elu(x, weight_t, bias), head, head_bias)
-
-
-# R's and Q's one-output heads as a matrix-vector product after the Linear-ELU kernel, not in its pass.
-HEADS_BY_MATRIX_VECTOR_PRODUCT = {"affine_elu_head": _affine_elu_then_head}
-
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
@@ -321,7 +311,6 @@ COMPILE_SETTINGS = [
     ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
     ("eager, Q's LayerNorm-tanh by PyTorch ops", False, None, NO_LAYER_NORM_TANH_KERNEL),
     ("eager, input gradients by one matmul (no row blocks)", False, None, UNBLOCKED_INPUT_GRADIENTS),
-    ("eager, one-output heads by matrix-vector products", False, None, HEADS_BY_MATRIX_VECTOR_PRODUCT),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),

@@ -499,32 +499,6 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
             assert th.equal(got.nan_to_num(0.0), F.elu(special).nan_to_num(0.0).expand(2, -1))
 
 
-@pytest.mark.parametrize("rows", [1, 37, 2600])  # 2600: each thread's own row blocks
-def test_fused_linear_elu_head_kernel_matches_pytorch(rows):
-    """A layer and its one-output head (R's, Q's): without a gradient one fused kernel, the same values."""
-    if not cpu_kernels.load():
-        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
-    gen = th.Generator().manual_seed(0)
-    x = th.randn(rows, 30, generator=gen)[:, 3:27]  # rows 30 floats apart
-    linear, head = nn.Linear(24, 40), nn.Linear(40, 1)
-    w_in_out = th.randn(24, 40, generator=gen) / 5  # row-major, as Q's
-    for weight_t in (linear.weight.t(), w_in_out):
-        expected = head(F.elu(x @ weight_t + linear.bias))
-        with th.no_grad(), FlopCounterMode(display=False) as flops:
-            fused = policies.affine_elu_head(x, weight_t, linear.bias, head.weight.t(), head.bias)
-        assert flops.get_flop_counts()["Global"] == {th.ops.sb3_tdmpc_cpu.linear_elu_head: 2 * rows * 25 * 40}
-        assert close(fused, expected)
-        with FlopCounterMode(display=False) as flops:  # a gradient needed: autograd's ops
-            with_grad = policies.affine_elu_head(x, weight_t, linear.bias, head.weight.t(), head.bias)
-        assert th.ops.sb3_tdmpc_cpu.linear_elu_head not in flops.get_flop_counts()["Global"]
-        assert close(with_grad, expected) and with_grad.requires_grad
-    special = x.detach().clone()
-    special[0, 5] = float("nan")
-    with th.no_grad():
-        got = policies.affine_elu_head(special, w_in_out, linear.bias, head.weight.t(), head.bias)
-    assert got[0].isnan().all() and got[1:].isfinite().all()
-
-
 def test_fused_linear_elu_is_within_1e_7_of_elu():
     """The kernel's ELU (exp(x) - 1 by a polynomial exp) over [-90, 10], vectorised and scalar parts."""
     if not cpu_kernels.load():

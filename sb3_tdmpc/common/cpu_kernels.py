@@ -29,9 +29,6 @@ _LIBRARY = th.library.Library("sb3_tdmpc_cpu", "DEF")
 _LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor")
 _LIBRARY.define("mm(Tensor x, Tensor weight) -> Tensor")
 _LIBRARY.define(
-    "linear_elu_head(Tensor x, Tensor weight_t, Tensor bias, Tensor head, Tensor head_bias) -> Tensor"
-)
-_LIBRARY.define(
     "layer_norm_tanh(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
 )
 _LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, float eps) -> ()")
@@ -40,11 +37,6 @@ _LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, floa
 @register_flop_formula([th.ops.sb3_tdmpc_cpu.linear_elu, th.ops.sb3_tdmpc_cpu.mm])
 def _matmul_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
     return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # the matmul's, as FlopCounterMode counts mm
-
-
-@register_flop_formula(th.ops.sb3_tdmpc_cpu.linear_elu_head)
-def _linear_elu_head_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
-    return 2 * x_shape[0] * (x_shape[1] + 1) * weight_t_shape[1]  # the matmul's and the head's
 
 
 def load() -> bool:
@@ -86,16 +78,6 @@ def _build() -> bool:
 def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     """``ELU(x @ weight_t + bias)`` for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient."""
     return th.ops.sb3_tdmpc_cpu.linear_elu(x, weight_t, bias)
-
-
-def linear_elu_head(
-    x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor, head: th.Tensor, head_bias: th.Tensor
-) -> th.Tensor:
-    """
-    ``ELU(x @ weight_t + bias) @ head + head_bias`` ``[N, 1]`` (a layer, then a one-output head ``head
-    [M]``, ``head_bias [1]``) for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient.
-    """
-    return th.ops.sb3_tdmpc_cpu.linear_elu_head(x, weight_t, bias, head, head_bias)
 
 
 def mm(x: th.Tensor, weight: th.Tensor) -> th.Tensor:

@@ -437,22 +437,6 @@ def affine_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     return elu_(affine(rows, weight_t, bias)).view(shape)
 
 
-def affine_elu_head(
-    x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor, head_weight_t: th.Tensor, head_bias: th.Tensor
-) -> th.Tensor:
-    """
-    ``affine(affine_elu(x, weight_t, bias), head_weight_t, head_bias)`` for a one-output head
-    (``head_weight_t [hidden, 1]``), 2-D ``x``: on CPU (eager) without a gradient, one fused kernel
-    that takes each row's dot product with the head while the row is in cache.
-    """
-    grad = th.is_grad_enabled() and any(
-        t.requires_grad for t in (x, weight_t, bias, head_weight_t, head_bias)
-    )
-    if not grad and cpu_kernels_apply(x):
-        return cpu_kernels.linear_elu_head(x, weight_t, bias, head_weight_t[:, 0], head_bias)
-    return affine(affine_elu(x, weight_t, bias), head_weight_t, head_bias)
-
-
 def tanh_(x: th.Tensor) -> th.Tensor:
     """tanh of a fresh intermediate ``x``, which it overwrites."""
     if x.device.type != "cpu":
@@ -654,7 +638,8 @@ class QEnsemble(nn.Module):
             else:
                 h = affine(x, w1[q], b1[q, 0])
             h = layer_norm_tanh(h, self.norm_weight[q, 0], self.norm_bias[q, 0])
-            values.append(affine_elu_head(h, w2[q], b2[q, 0], w3[q], b3[q, 0]))
+            h = affine_elu(h, w2[q], b2[q, 0])
+            values.append(affine(h, w3[q], b3[q, 0]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
 
@@ -722,15 +707,10 @@ class WorldModel(nn.Module):
         # list(...)[2::2], not Sequential slicing, which builds a new module per call (on the planner's path)
         layers = list(zip(list(self.dynamics)[2::2], list(self.reward)[2::2], strict=True))
         *hidden_layers, (d_out, r_out) = layers
-        if not hidden_layers:
-            return linear(z, d_out.weight, d_out.bias), linear(r, r_out.weight, r_out.bias)
-        *hidden_layers, (d_last, r_last) = hidden_layers
         for d_layer, r_layer in hidden_layers:
             z = affine_elu(z, d_layer.weight.t(), d_layer.bias)
             r = affine_elu(r, r_layer.weight.t(), r_layer.bias)
-        z = affine_elu(z, d_last.weight.t(), d_last.bias)
-        r = affine_elu_head(r, r_last.weight.t(), r_last.bias, r_out.weight.t(), r_out.bias)
-        return linear(z, d_out.weight, d_out.bias), r
+        return linear(z, d_out.weight, d_out.bias), linear(r, r_out.weight, r_out.bias)
 
     def _fast_next(self) -> bool:
         return (

@@ -1,8 +1,8 @@
 // ELU(x @ weight_t + bias), and x @ w, on CPU. Below 512 rows per thread (the planner's layers), MKL's
-// GEMM with its own threads (onto the bias), then for linear_elu the ELU in one vectorised pass while the
+// GEMM with its own threads, then for linear_elu the bias and the ELU in one vectorised pass while the
 // product is still in cache. From there on (the update's horizon x batch), each thread multiplies its
 // own blocks of 128 rows (MKL's GEMM, single-threaded inside the parallel region), and linear_elu
-// applies the ELU to each block in L2: on this machine MKL's two-thread GEMM runs those
+// applies the bias and the ELU to each block in L2: on this machine MKL's two-thread GEMM runs those
 // tall shapes about 15% slower per FLOP than its GEMM on such blocks. docs/performance.md measures it;
 // tests/test_equivalence.py checks it.
 #include <ATen/ATen.h>
@@ -64,73 +64,42 @@ inline __m256 exp_nonpositive(__m256 x) {
 }
 #endif
 
-// row = ELU(row) = max(v, exp(min(v, 0)) - 1), in place; a NaN stays NaN (max and min return their
-// second operand when one is NaN).
-void elu_in_place(float* __restrict row, int64_t n) {
+// row = ELU(row + bias) = max(v, exp(min(v, 0)) - 1), in place; a NaN stays NaN (max and min
+// return their second operand when one is NaN).
+void add_bias_elu(float* __restrict row, const float* __restrict bias, int64_t n) {
   int64_t j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
   const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
   for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_loadu_ps(row + j);
+    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
     const __m256 e = _mm256_sub_ps(exp_nonpositive(_mm256_min_ps(v, zero)), one);
     _mm256_storeu_ps(row + j, _mm256_max_ps(e, v));
   }
 #endif
   for (; j < n; ++j) {
-    const float v = row[j];
+    const float v = row[j] + bias[j];
     const float e = exp_nonpositive(v < 0.f ? v : 0.f) - 1.f;
     row[j] = e > v ? e : v;
-  }
-}
-
-float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  int64_t j = 0;
-  float sum = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), acc1);
-  }
-  const __m256 acc = _mm256_add_ps(acc0, acc1);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  sum = _mm_cvtss_f32(s);
-#endif
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
-// out = input @ weight (+ bias, when defined). With the bias, ATen copies it into `out` and MKL's GEMM
-// adds the product to it (beta = 1); without, MKL first zeroes `out` (beta = 0), a pass of its own:
-// the copy costs less (docs/performance.md).
-void matmul_out(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias) {
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
-  if (bias.defined()) {
-    at::addmm_out(out, bias.expand({input.size(0), weight.size(1)}), input, weight);
-  } else {
-    at::mm_out(out, input, weight);
   }
 }
 
 // Whether `rows` are many enough for each thread's own row blocks.
 bool row_blocked(int64_t rows) { return rows >= at::get_num_threads() * kBlockedFromRowsPerThread; }
 
-// out = input @ weight (+ bias), each thread over its own blocks of about kBlockRows rows (as many per
-// thread, so that the threads finish together), then `epilogue(block_data, block_rows)` on each block in L2.
+// out = input @ weight, each thread over its own blocks of about kBlockRows rows (as many per thread,
+// so that the threads finish together), then `epilogue(block_data, block_rows)` on each block in L2.
 template <typename Epilogue>
-void row_blocked_matmul_out(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias, at::Tensor& out,
-                            const Epilogue& epilogue) {
+void row_blocked_mm_out(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
   const int64_t rows = input.size(0), threads = at::get_num_threads();
   const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
   const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
   at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start without it
     for (int64_t block = first; block < last; ++block) {
       const int64_t start = block * block_rows, stop = std::min(rows, start + block_rows);
       if (start >= stop) continue;
       auto out_block = out.narrow(0, start, stop - start);
-      matmul_out(out_block, input.narrow(0, start, stop - start), weight, bias);  // MKL single-threaded in here
+      at::mm_out(out_block, input.narrow(0, start, stop - start), weight);
       epilogue(out_block.data_ptr<float>(), stop - start);
     }
   });
@@ -147,55 +116,23 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
   TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && weight_t.size(1) == bias.size(0),
               "linear_elu: bias [M], float32");
   const auto input = x.stride(1) == 1 ? x : x.contiguous();  // any row stride: MKL reads it
+  const auto bias_c = bias.contiguous();
   const int64_t rows = input.size(0), width = weight_t.size(1);
   auto out = at::empty({rows, width}, input.options());
-  const auto elu_rows = [&](float* data, int64_t n) {
-    for (int64_t row = 0; row < n; ++row) elu_in_place(data + row * width, width);
+  const float* bias_ptr = bias_c.const_data_ptr<float>();
+  const auto add_bias_elu_rows = [&](float* data, int64_t n) {
+    for (int64_t row = 0; row < n; ++row) add_bias_elu(data + row * width, bias_ptr, width);
   };
   if (row_blocked(rows)) {
-    row_blocked_matmul_out(input, weight_t, bias, out, elu_rows);
+    row_blocked_mm_out(input, weight_t, out, add_bias_elu_rows);
     return out;
   }
-  matmul_out(out, input, weight_t, bias);
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // a kernel's inner ops: no autograd
+    at::mm_out(out, input, weight_t);
+  }
   float* data = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { elu_rows(data + first * width, last - first); });
-  return out;
-}
-
-// ELU(x @ weight_t + bias) @ head + head_bias [N, 1] (a layer and a one-output head, without a
-// gradient): each row's ELU and its dot product with the head while the row is in L1, instead of a
-// single-threaded matrix-vector product that reads the activations back from memory.
-at::Tensor linear_elu_head(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias,
-                           const at::Tensor& head, const at::Tensor& head_bias) {
-  check_matmul("linear_elu_head", x, weight_t);
-  TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && weight_t.size(1) == bias.size(0),
-              "linear_elu_head: bias [M], float32");
-  TORCH_CHECK(head.dim() == 1 && head.scalar_type() == at::kFloat && head.size(0) == weight_t.size(1) &&
-                  head_bias.numel() == 1 && head_bias.scalar_type() == at::kFloat,
-              "linear_elu_head: head [M], head_bias [1], float32");
-  const auto input = x.stride(1) == 1 ? x : x.contiguous();
-  const auto head_c = head.contiguous();
-  const int64_t rows = input.size(0), width = weight_t.size(1);
-  auto hidden = at::empty({rows, width}, input.options());
-  auto out = at::empty({rows, 1}, input.options());
-  const float* head_ptr = head_c.const_data_ptr<float>();
-  const float offset = head_bias.item<float>();  // a CPU scalar: no device sync
-  float* out_ptr = out.data_ptr<float>();
-  float* hidden_ptr = hidden.data_ptr<float>();
-  const auto elu_dot_rows = [&](float* data, int64_t n) {
-    float* result = out_ptr + (data - hidden_ptr) / width;
-    for (int64_t row = 0; row < n; ++row) {
-      float* values = data + row * width;
-      elu_in_place(values, width);
-      result[row] = dot(values, head_ptr, width) + offset;
-    }
-  };
-  if (row_blocked(rows)) {
-    row_blocked_matmul_out(input, weight_t, bias, hidden, elu_dot_rows);
-    return out;
-  }
-  matmul_out(hidden, input, weight_t, bias);
-  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { elu_dot_rows(hidden_ptr + first * width, last - first); });
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { add_bias_elu_rows(data + first * width, last - first); });
   return out;
 }
 
@@ -208,7 +145,7 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   }
   const auto input = x.stride(1) == 1 ? x : x.contiguous();
   auto out = at::empty({input.size(0), weight.size(1)}, input.options());
-  row_blocked_matmul_out(input, weight, at::Tensor(), out, [](float*, int64_t) {});
+  row_blocked_mm_out(input, weight, out, [](float*, int64_t) {});
   return out;
 }
 
@@ -217,6 +154,5 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
 // The schemas are defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
 TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("linear_elu", &linear_elu);
-  m.impl("linear_elu_head", &linear_elu_head);
   m.impl("mm", &mm);
 }
