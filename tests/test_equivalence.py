@@ -522,6 +522,7 @@ def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     weight = (th.randn(40, generator=gen) + 1).requires_grad_(True)
     bias = th.randn(40, generator=gen).requires_grad_(True)
     fused = policies.layer_norm_tanh(h, weight, bias)
+    assert type(fused.grad_fn).__name__ == "_LayerNormTanhBackward"  # the kernel's path, not PyTorch ops
     expected = th.tanh(F.layer_norm(h, (40,), weight, bias))
     assert close(fused, expected)
     upstream = th.randn(rows, 40, generator=gen)

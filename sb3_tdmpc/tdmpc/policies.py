@@ -44,8 +44,9 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
 # i.e. up to a fifth of a 512x512 matmul per activation: ELU is computed as
 # max(x, 0) + (exp(min(x, 0)) - 1) and tanh as 2 sigmoid(2x) - 1 (equal within float rounding),
 # with ATen's own fused backward kernels. Elsewhere (CUDA) the native kernels are fused already.
-# Eager on CPU, a Linear-ELU layer is one fused C++ kernel where it builds (affine_elu, cpu_kernels);
-# the ELU above serves the layers it does not take (compiled paths, a failed build).
+# Eager on CPU, where they build (cpu_kernels), fused C++ kernels take a Linear-ELU layer (affine_elu),
+# Q's LayerNorm-tanh (layer_norm_tanh) and the backward's input gradients over many rows (matmul); the
+# ELU and tanh above serve what they do not take (compiled paths, a failed build).
 
 
 class _ELU(th.autograd.Function):
