@@ -295,6 +295,10 @@ CATEGORIES = {
         "native_layer_norm", "native_layer_norm_backward", "sigmoid", "sigmoid_", "tanh", "tanh_backward",
         "sb3_tdmpc_cpu::layer_norm_tanh", "sb3_tdmpc_cpu::layer_norm_tanh_",
     ),
+    # their GEMMs count as matmul above: the rest of the ops' own time (bias, ELU, LayerNorm-tanh)
+    "each thread through a whole chain, elementwise (sb3_tdmpc's rollout_return, min_q_of_policy)": (
+        "sb3_tdmpc_cpu::rollout_return", "sb3_tdmpc_cpu::min_q_of_policy",
+    ),
     "copies, cat, stack": ("copy_", "cat", "stack", "clone", "contiguous", "_to_copy"),
     "optimizer (fused Adam), grad norm": (
         "_fused_adam_", "_foreach_norm", "_foreach_mul_", "linalg_vector_norm",

@@ -302,6 +302,10 @@ NO_LAYER_NORM_TANH_KERNEL = {
 # The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
 UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
+# The planner's rollout and min Q(z, pi(z)) (and the TD targets') layer by layer, each layer's kernels
+# over both threads, not each thread through the whole chain (``rollout_return``, ``min_q_of_policy``).
+CHAINS_LAYER_BY_LAYER = {"chain_kernels_apply": _never}
+
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
@@ -311,6 +315,7 @@ COMPILE_SETTINGS = [
     ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
     ("eager, Q's LayerNorm-tanh by PyTorch ops", False, None, NO_LAYER_NORM_TANH_KERNEL),
     ("eager, input gradients by one matmul (no row blocks)", False, None, UNBLOCKED_INPUT_GRADIENTS),
+    ("eager, chains layer by layer (no per-thread chains)", False, None, CHAINS_LAYER_BY_LAYER),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),

@@ -385,18 +385,85 @@ def test_planner_matches_the_official_loop(horizon, num_envs, warm):
         assert close(action, ref_action) and close(mean, ref_mean)
 
 
-def test_planner_value_estimates_match():
-    """The planner's returns: the fast rollout (first layer shared at t = 0) against a per-step loop."""
-    policy = make_policy()
-    z = th.randn(2, 8)
-    actions = th.rand(4, 2, 9, 3) * 2 - 1
+def kernel_flops(fn, op) -> tuple[int, int]:
+    """(all FLOPs counted in ``fn()``, those of the fused op ``op``)."""
+    with FlopCounterMode(display=False) as flops:
+        fn()
+    return flops.get_total_flops(), flops.get_flop_counts()["Global"].get(op, 0)
+
+
+# 2 x 9 rows: one block per thread; 3 x 250: several. mlp_dim 37: vectorised parts and tails.
+@pytest.mark.parametrize("num_envs, num_seq, mlp_dim", [(2, 9, 32), (3, 250, 37)])
+def test_planner_value_estimates_match(num_envs, num_seq, mlp_dim, cpu_kernel_path):
+    """
+    The planner's returns: the fast rollout (first layer shared at t = 0; on CPU one fused call, each
+    thread through the whole horizon) against a per-step loop, and the kernel's FLOPs those of the ops.
+    """
+    policy = make_policy(mlp_dim=mlp_dim)
+    z = th.randn(num_envs, 8)
+    actions = (th.rand(4, num_envs, num_seq + 2, 3) * 2 - 1)[:, :, :num_seq]  # as the planner's, a view
     with th.no_grad():
         value, z_end = policy.model.rollout_return(z, actions, policy.gamma)
-        ref_value, ref_z = 0.0, z.unsqueeze(1).expand(2, 9, 8)
+        ref_value, ref_z = 0.0, z.unsqueeze(1).expand(num_envs, num_seq, 8)
         for t in range(4):
             ref_z, reward = reference_next(policy.model, ref_z, actions[t])
             ref_value = ref_value + policy.gamma**t * reward
+        total, fused = kernel_flops(
+            lambda: policy.model.rollout_return(z, actions, policy.gamma), th.ops.sb3_tdmpc_cpu.rollout_return
+        )
     assert close(value, ref_value) and close(z_end, ref_z)
+    assert (fused > 0) == (cpu_kernel_path == "cpu kernels")
+    with th.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policies, "chain_kernels_apply", lambda x: False)  # layer by layer
+        assert kernel_flops(lambda: policy.model.rollout_return(z, actions, policy.gamma), None)[0] == total
+
+
+@pytest.mark.parametrize("batch_shape, std", [((7,), 0.0), ((3, 5), 0.3), ((600,), 0.3)])
+def test_min_q_of_policy_matches_the_plain_modules(batch_shape, std, cpu_kernel_path):
+    """
+    min_i Q_i(z, pi(z)) of the planner and the TD targets (another ensemble's Q, pi's noise drawn the
+    same): on CPU with no gradient one fused call; a NaN in z makes its value NaN; FLOPs those of the ops.
+    """
+    policy = make_policy(mlp_dim=37)
+    model, target_q = policy.model, make_policy(mlp_dim=37).model.q
+    with th.no_grad():
+        target_q.weights[0].add_(0.5)  # not the model's own
+        z = th.randn(*batch_shape, 8)
+        z[(0,) * len(batch_shape)][2] = float("nan")
+        th.manual_seed(5)
+        got = policies.min_q_of_policy(model, target_q, z, std)
+        total, fused = kernel_flops(
+            lambda: policies.min_q_of_policy(model, target_q, z, std), th.ops.sb3_tdmpc_cpu.min_q_of_policy
+        )
+        th.manual_seed(5)
+        eps = th.randn(*batch_shape, 3)
+        want = reference_min_q(target_q, z, reference_pi(model, z, std, eps))
+    assert got.shape == want.shape and got.flatten()[0].isnan() and want.flatten()[0].isnan()
+    assert close(got.flatten()[1:], want.flatten()[1:])
+    assert (fused > 0) == (cpu_kernel_path == "cpu kernels")
+    with th.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policies, "chain_kernels_apply", lambda x: False)
+        assert kernel_flops(lambda: policies.min_q_of_policy(model, target_q, z, std), None)[0] == total
+
+
+def test_chain_kernels_reject_mismatched_shapes():
+    """The fused calls check their inputs: a clear error, not a wrong result."""
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    model = make_policy().model
+    weight_t, bias = model._fused_first_layer()
+    d, r = ([(lin.weight.t(), lin.bias) for lin in list(net)[2::2]] for net in (model.dynamics, model.reward))
+    z_part, actions, w_z = th.zeros(1, 64), th.zeros(2, 5, 3), weight_t[:8]
+    with pytest.raises(RuntimeError, match="first layer's shapes do not match"):
+        cpu_kernels.rollout_return(z_part, actions, w_z, weight_t[8:10], bias, d, r, 0.99)
+    with pytest.raises(RuntimeError, match="d must end in the latent"):
+        cpu_kernels.rollout_return(z_part, actions, w_z, weight_t[8:], bias, r, r, 0.99)
+    pi = [(layer.weight.t(), layer.bias) for layer in list(model.pi_net)[::2]]
+    q = list(model.q.weights), list(model.q.biases), model.q.norm_weight, model.q.norm_bias
+    with pytest.raises(RuntimeError, match="action_noise is"):
+        cpu_kernels.min_q_of_policy(th.zeros(4, 8), pi, th.zeros(4, 2), *q)
+    with pytest.raises(RuntimeError, match="Q's layer 1's shapes do not match"):
+        cpu_kernels.min_q_of_policy(th.zeros(4, 8), pi, None, [q[0][0][:, :10], *q[0][1:]], *q[1:])
 
 
 def test_reference_flop_counts_are_the_issues():

@@ -19,7 +19,8 @@ import torch as th
 from torch.utils.flop_counter import register_flop_formula
 
 _SOURCES = [
-    str(Path(__file__).with_name("csrc") / name) for name in ("linear_elu.cpp", "layer_norm_tanh.cpp")
+    str(Path(__file__).with_name("csrc") / name)
+    for name in ("linear_elu.cpp", "layer_norm_tanh.cpp", "chains.cpp")
 ]
 _loaded: bool | None = None  # None: not tried yet
 
@@ -32,11 +33,58 @@ _LIBRARY.define(
     "layer_norm_tanh(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
 )
 _LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, float eps) -> ()")
+_LIBRARY.define(
+    "rollout_return(Tensor first_z_part, Tensor actions, Tensor first_weight_z, Tensor first_weight_a, "
+    "Tensor first_bias, Tensor[] dynamics_weights_t, Tensor[] dynamics_biases, Tensor[] reward_weights_t, "
+    "Tensor[] reward_biases, float gamma) -> (Tensor, Tensor)"
+)
+_LIBRARY.define(
+    "min_q_of_policy(Tensor z, Tensor[] pi_weights_t, Tensor[] pi_biases, Tensor? action_noise, "
+    "Tensor[] q_weights, Tensor[] q_biases, Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor"
+)
 
 
 @register_flop_formula([th.ops.sb3_tdmpc_cpu.linear_elu, th.ops.sb3_tdmpc_cpu.mm])
 def _matmul_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
     return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # the matmul's, as FlopCounterMode counts mm
+
+
+@register_flop_formula(th.ops.sb3_tdmpc_cpu.rollout_return)
+def _rollout_return_flop(
+    first_z_part_shape: list[int],
+    actions_shape: list[int],
+    first_weight_z_shape: list[int],
+    first_weight_a_shape: list[int],
+    first_bias_shape: list[int],
+    dynamics_weights_t_shapes: list[list[int]],
+    dynamics_biases_shapes: list[list[int]],
+    reward_weights_t_shapes: list[list[int]],
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    """The matmuls of the same rollout layer by layer (``WorldModel.rollout_return``'s PyTorch ops)."""
+    horizon, rows, action_dim = actions_shape
+    latent_dim, width = first_weight_z_shape
+    # t = 0: the z-part is given (computed per environment outside)
+    first_layer = action_dim * width + (horizon - 1) * (latent_dim + action_dim) * width
+    layers = sum(n_in * n_out for n_in, n_out in [*dynamics_weights_t_shapes, *reward_weights_t_shapes])
+    return 2 * rows * (first_layer + horizon * layers)
+
+
+@register_flop_formula(th.ops.sb3_tdmpc_cpu.min_q_of_policy)
+def _min_q_of_policy_flop(
+    z_shape: list[int],
+    pi_weights_t_shapes: list[list[int]],
+    pi_biases_shapes: list[list[int]],
+    action_noise_shape: list[int] | None,
+    q_weights_shapes: list[list[int]],
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    """The matmuls of pi and Q layer by layer (Q's output layer, a matrix-vector product, uncounted)."""
+    (num_q, first_in, width), (_, hidden_in, hidden_out) = q_weights_shapes[:2]
+    pi = sum(n_in * n_out for n_in, n_out in pi_weights_t_shapes)
+    return 2 * z_shape[0] * (pi + num_q * (first_in * width + hidden_in * hidden_out))
 
 
 def load() -> bool:
@@ -93,6 +141,73 @@ def layer_norm_tanh(
     :func:`load`), no gradient; with ``native_layer_norm``'s mean and rstd ``[N, 1]``.
     """
     return th.ops.sb3_tdmpc_cpu.layer_norm_tanh(x, weight, bias, eps)
+
+
+def rollout_return(
+    first_z_part: th.Tensor,
+    actions: th.Tensor,
+    first_weight_z: th.Tensor,
+    first_weight_a: th.Tensor,
+    first_bias: th.Tensor,
+    dynamics_layers: list[tuple[th.Tensor, th.Tensor]],
+    reward_layers: list[tuple[th.Tensor, th.Tensor]],
+    gamma: float,
+) -> tuple[th.Tensor, th.Tensor]:
+    """
+    ``sum_t gamma^t R(z_t, a_t)`` ``[N, 1]`` and ``z_H`` ``[N, latent]`` of ``actions`` ``[H, N, A]`` (rows
+    environment by environment) with no gradient (needs :func:`load`): each thread takes its rows
+    through the whole horizon.
+
+    :param first_z_part: ``W_z z_0 + b`` of d's and R's first layers side by side, ``[E, 2 * mlp_dim]``
+    :param first_weight_z: Those layers' weights for z (transposed, ``[latent, 2 * mlp_dim]``)
+    :param first_weight_a: ... for the action ``[A, 2 * mlp_dim]``; ``first_bias``: their biases
+    :param dynamics_layers: d's further layers, ``(weight_t [in, out], bias)``, ELU after all but the last
+    :param reward_layers: R's, likewise (the last ``[mlp_dim, 1]``)
+    """
+    return th.ops.sb3_tdmpc_cpu.rollout_return(
+        first_z_part,
+        actions,
+        first_weight_z,
+        first_weight_a,
+        first_bias,
+        [weight_t for weight_t, _ in dynamics_layers],
+        [bias for _, bias in dynamics_layers],
+        [weight_t for weight_t, _ in reward_layers],
+        [bias for _, bias in reward_layers],
+        gamma,
+    )
+
+
+def min_q_of_policy(
+    z: th.Tensor,
+    pi_layers: list[tuple[th.Tensor, th.Tensor]],
+    action_noise: th.Tensor | None,
+    q_weights: list[th.Tensor],
+    q_biases: list[th.Tensor],
+    norm_weight: th.Tensor,
+    norm_bias: th.Tensor,
+    eps: float = 1e-5,
+) -> th.Tensor:
+    """
+    ``min_i Q_i(z, pi(z))`` ``[N, 1]`` for ``z`` ``[N, latent]`` with no gradient (needs :func:`load`):
+    each thread takes its rows through pi and every Q member.
+
+    :param pi_layers: pi's layers ``(weight_t [in, out], bias)``, ELU after all but the last, then tanh
+    :param action_noise: Added to tanh's output, then clamped to (-1, 1) (already scaled and clipped)
+    :param q_weights: :class:`QEnsemble`'s stacked weights ``[Q, in, out]``; ``q_biases`` ``[Q, 1, out]``
+    :param norm_weight: Its LayerNorm's ``[Q, 1, hidden]``; ``norm_bias`` likewise
+    """
+    return th.ops.sb3_tdmpc_cpu.min_q_of_policy(
+        z,
+        [weight_t for weight_t, _ in pi_layers],
+        [bias for _, bias in pi_layers],
+        action_noise,
+        q_weights,
+        q_biases,
+        norm_weight,
+        norm_bias,
+        eps,
+    )
 
 
 def layer_norm_tanh_(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, eps: float = 1e-5) -> th.Tensor:

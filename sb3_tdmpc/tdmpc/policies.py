@@ -425,6 +425,14 @@ def cpu_kernels_apply(x: th.Tensor) -> bool:
     return eager_float32_cpu and cpu_kernels.load()
 
 
+def chain_kernels_apply(x: th.Tensor) -> bool:
+    """
+    Whether the whole-chain kernels (``rollout_return``, ``min_q_of_policy``: each thread takes its
+    rows through all layers) compute with ``x``: :func:`cpu_kernels_apply`, and no gradient.
+    """
+    return not th.is_grad_enabled() and cpu_kernels_apply(x)
+
+
 def affine_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     """
     ``ELU(x @ weight_t + bias)``: on CPU (eager), one fused kernel, the ELU applied to each block of
@@ -644,6 +652,27 @@ class QEnsemble(nn.Module):
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
 
+def min_q_of_policy(model: nn.Module, q: nn.Module, z: th.Tensor, std: float) -> th.Tensor:
+    """
+    ``min_i Q_i(z, pi(z))`` ``[..., 1]``: ``model``'s policy prior (noise of scale ``std``) and the
+    ensemble ``q`` (the model's, or its target's for TD targets). With no gradient on CPU (eager), one
+    fused C++ call in which each thread takes its rows through pi and every Q member.
+    """
+    pi_net = getattr(model, "pi_net", None)
+    if isinstance(q, QEnsemble) and pi_net is not None and is_elu_mlp(pi_net) and chain_kernels_apply(z):
+        rows = z.reshape(-1, z.shape[-1])
+        noise = None
+        if std > 0:  # pi's draw, as WorldModel.pi makes it
+            noise = (th.randn(rows.shape[0], pi_net[-1].out_features, device=z.device) * std).clamp(-0.3, 0.3)
+        pi_layers = [(layer.weight.t(), layer.bias) for layer in list(pi_net)[::2]]
+        q_layers = list(q.weights), list(q.biases)
+        value = cpu_kernels.min_q_of_policy(
+            rows, pi_layers, noise, *q_layers, q.norm_weight, q.norm_bias, _LAYER_NORM_EPS
+        )
+        return value.view(*z.shape[:-1], 1)
+    return q(z, model.pi(z, std)).min(dim=0).values
+
+
 class WorldModel(nn.Module):
     """
     TOLD, TD-MPC's task-oriented latent dynamics model.
@@ -754,6 +783,14 @@ class WorldModel(nn.Module):
         # t = 0: W [z, a] + b = W_a a + (W_z z + b), with W_z z + b per environment.
         w_z, w_a = weight_t[:latent_dim], weight_t[latent_dim:]
         z_part = affine(z, w_z, bias)
+        if chain_kernels_apply(z):  # the planner's: each thread through the whole horizon on its own rows
+            d_layers, r_layers = (
+                [(layer.weight.t(), layer.bias) for layer in list(net)[2::2]]
+                for net in (self.dynamics, self.reward)
+            )
+            rows = actions.reshape(horizon, num_envs * num_seq, action_dim)
+            value, z = cpu_kernels.rollout_return(z_part, rows, w_z, w_a, bias, d_layers, r_layers, gamma)
+            return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)
         if cpu_kernels_apply(z):  # W_z z + b as the bias of its environment's rows
             parts = [affine_elu(actions[0, env], w_a, z_part[env]) for env in range(num_envs)]
             hidden = parts[0] if num_envs == 1 else th.cat(parts)
@@ -980,7 +1017,7 @@ class TDMPCPolicy(BasePolicy):
             z, reward = self.model.next(z, action)
             value = value + discount * reward
             discount *= self.gamma
-        return value + discount * self.model.q(z, self.model.pi(z, self.min_std)).min(dim=0).values
+        return value + discount * min_q_of_policy(self.model, self.model.q, z, self.min_std)
 
     def _rollout_return(self, z: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """``sum_t gamma^t R(z_t, a_t)`` ``[E, N, 1]`` and ``z_H [E, N, latent]`` from ``z_0 [E, latent]``."""
@@ -1075,7 +1112,7 @@ class TDMPCPolicy(BasePolicy):
         # G = sum_t gamma^t R(z_t, a_t) + gamma^H min Q(z_H, pi(z_H)): samples, then policy trajectories
         value, z_end = self._rollout_return(z, actions[:, :, : self.num_samples])
         value, z_end = th.cat([value, pi_value], dim=1), th.cat([z_end, z_pi], dim=1)
-        value = value + discount * self.model.q(z_end, self.model.pi(z_end, self.min_std)).min(dim=0).values
+        value = value + discount * min_q_of_policy(self.model, self.model.q, z_end, self.min_std)
         value = value.squeeze(-1).nan_to_num(0.0)
 
         elite_value, elite_idx = value.topk(self.num_elites, dim=1)

@@ -35,7 +35,7 @@ from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples
 from sb3_tdmpc.common.nonfinite import NonFiniteTransitions, all_finite
 from sb3_tdmpc.envs.dmc import ensure_shimmy_envs
 from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation, flatten_dict_observation, is_flattenable_dict
-from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy
+from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy, min_q_of_policy
 
 SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
 
@@ -400,7 +400,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         with th.no_grad():
             # TD-MPC bootstraps from the online encoder and policy, and the target Q.
             next_z = model.encode(obs[1:])
-            next_q = target.q(next_z, model.pi(next_z, policy.min_std)).min(dim=0).values
+            next_q = min_q_of_policy(model, target.q, next_z, policy.min_std)
             td_target = rewards + self.gamma * (1.0 - terminals) * next_q
             consistency_target = policy.target_encode(obs[1:])
 
@@ -463,7 +463,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         weight_t = self.rho ** th.arange(len(latents), device=latents.device, dtype=latents.dtype).view(
             -1, 1, 1
         )
-        q = model.q(latents, model.pi(latents, self.policy.min_std)).min(dim=0).values
+        q = min_q_of_policy(model, model.q, latents, self.policy.min_std)
         return -(weight_t * valid * q).sum(0).mean()
 
     def _check_finite(self, grad_norm: th.Tensor, *losses: th.Tensor, **named: th.Tensor) -> None:

@@ -9,100 +9,14 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <cstdint>
 #include <tuple>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "row_ops.h"
 
 namespace {
 
-// tanh(x) = x P(x^2) / Q(x^2) for x clamped to [-c, c]; coefficients in ascending powers.
-constexpr float kClamp = 7.90531110763549805f;
-constexpr float kP[7] = {4.89352455891786e-03f,  6.37261928875436e-04f, 1.48572235717979e-05f, 5.12229709037114e-08f,
-                         -8.60467152213735e-11f, 2.00018790482477e-13f, -2.76076847742355e-16f};
-constexpr float kQ[4] = {4.89352518554385e-03f, 2.26843463243900e-03f, 1.18534705686654e-04f, 1.19825839466702e-06f};
-
-inline float rational_tanh(float x) {
-  x = x < -kClamp ? -kClamp : (x > kClamp ? kClamp : x);  // a NaN passes through
-  const float x2 = x * x;
-  float p = kP[6];
-  for (int i = 5; i >= 0; --i) p = p * x2 + kP[i];
-  float q = kQ[3];
-  for (int i = 2; i >= 0; --i) q = q * x2 + kQ[i];
-  return x * p / q;
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 rational_tanh(__m256 x) {
-  // max/min return their second operand when one is NaN: the constant first keeps a NaN
-  x = _mm256_min_ps(_mm256_set1_ps(kClamp), _mm256_max_ps(_mm256_set1_ps(-kClamp), x));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(kP[6]);
-  for (int i = 5; i >= 0; --i) p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kP[i]));
-  __m256 q = _mm256_set1_ps(kQ[3]);
-  for (int i = 2; i >= 0; --i) q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(kQ[i]));
-  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
-}
-
-inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-#endif
-
-// out = tanh((x - mean) * rstd * weight + bias) for one row of n; out may be x.
-void layer_norm_tanh_row(const float* x, const float* __restrict weight, const float* __restrict bias, float* out,
-                         int64_t n, float eps, float* mean_out, float* rstd_out) {
-  int64_t j = 0;
-  float sum = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    acc0 = _mm256_add_ps(acc0, _mm256_loadu_ps(x + j));
-    acc1 = _mm256_add_ps(acc1, _mm256_loadu_ps(x + j + 8));
-  }
-  sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; j < n; ++j) sum += x[j];
-  const float mean = sum / static_cast<float>(n);
-
-  j = 0;
-  float squares = 0.f;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 mean_v = _mm256_set1_ps(mean);
-  acc0 = _mm256_setzero_ps();
-  acc1 = _mm256_setzero_ps();
-  for (; j + 16 <= n; j += 16) {
-    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + j), mean_v);
-    const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), mean_v);
-    acc0 = _mm256_fmadd_ps(d0, d0, acc0);
-    acc1 = _mm256_fmadd_ps(d1, d1, acc1);
-  }
-  squares = horizontal_sum(_mm256_add_ps(acc0, acc1));
-#endif
-  for (; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
-  const float rstd = 1.f / std::sqrt(squares / static_cast<float>(n) + eps);
-  const float shift = -mean * rstd;  // (x - mean) * rstd = x * rstd + shift
-
-  j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 rstd_v = _mm256_set1_ps(rstd), shift_v = _mm256_set1_ps(shift);
-  for (; j + 8 <= n; j += 8) {
-    const __m256 normalized = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), rstd_v, shift_v);
-    const __m256 y = _mm256_fmadd_ps(normalized, _mm256_loadu_ps(weight + j), _mm256_loadu_ps(bias + j));
-    _mm256_storeu_ps(out + j, rational_tanh(y));
-  }
-#endif
-  for (; j < n; ++j) out[j] = rational_tanh((x[j] * rstd + shift) * weight[j] + bias[j]);
-  if (mean_out != nullptr) {
-    *mean_out = mean;
-    *rstd_out = rstd;
-  }
-}
+using sb3_tdmpc::layer_norm_tanh_row;
 
 void check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 1 && bias.dim() == 1, "layer_norm_tanh: x [N, C], weight [C], bias [C]");

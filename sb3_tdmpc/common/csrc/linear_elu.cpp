@@ -9,79 +9,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
-#include <cstring>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+
+#include "row_ops.h"
 
 namespace {
+
+using sb3_tdmpc::add_bias_elu;
 
 // Rows per block: a [128, 512] float block (256 KiB) stays in the 512 KiB L2 between the GEMM and the ELU.
 constexpr int64_t kBlockRows = 128;
 // From this many rows per thread on, row blocks per thread; below, MKL's threads (measured: docs).
 constexpr int64_t kBlockedFromRowsPerThread = 512;
-
-// exp(x) for x in [-87, 0]: Cody-Waite range reduction and Cephes' polynomial, as the compiled path's
-// (policies._exp). ELU = exp(x) - 1 is then within 1e-7 of the exact value (tested).
-constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
-                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
-
-inline float exp_nonpositive(float x) {
-  x = std::fmax(x, -87.f);
-  const float n = std::nearbyint(x * kLog2e);
-  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
-  float p = kP0;
-  p = p * r + kP1;
-  p = p * r + kP2;
-  p = p * r + kP3;
-  p = p * r + kP4;
-  p = p * r + kP5;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kP0);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
-#endif
-
-// row = ELU(row + bias) = max(v, exp(min(v, 0)) - 1), in place; a NaN stays NaN (max and min
-// return their second operand when one is NaN).
-void add_bias_elu(float* __restrict row, const float* __restrict bias, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
-  for (; j + 8 <= n; j += 8) {
-    const __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
-    const __m256 e = _mm256_sub_ps(exp_nonpositive(_mm256_min_ps(v, zero)), one);
-    _mm256_storeu_ps(row + j, _mm256_max_ps(e, v));
-  }
-#endif
-  for (; j < n; ++j) {
-    const float v = row[j] + bias[j];
-    const float e = exp_nonpositive(v < 0.f ? v : 0.f) - 1.f;
-    row[j] = e > v ? e : v;
-  }
-}
 
 // Whether `rows` are many enough for each thread's own row blocks.
 bool row_blocked(int64_t rows) { return rows >= at::get_num_threads() * kBlockedFromRowsPerThread; }

@@ -1,0 +1,177 @@
+// The fused CPU kernels' vectorised row operations: ELU (with a bias and a few inputs' rank update),
+// LayerNorm-tanh and a dot product, each on one row while it is in L1.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace sb3_tdmpc {
+
+// exp(x) for x in [-87, 0]: Cody-Waite range reduction and Cephes' polynomial, as the compiled path's
+// (policies._exp). ELU = exp(x) - 1 is then within 1e-7 of the exact value (tested).
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
+                kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
+
+inline float exp_nonpositive(float x) {
+  x = std::fmax(x, -87.f);
+  const float n = std::nearbyint(x * kLog2e);
+  const float r = (x - n * kLn2Hi) - n * kLn2Lo;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 exp_nonpositive(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kP0);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+}
+#endif
+
+// row = ELU(row + bias + sum_k x[k] w[k]) = max(v, exp(min(v, 0)) - 1), in place, where w is
+// [num_x, n] (a first layer's rows for a few inputs, the actions: a rank-num_x update in the same
+// pass); a NaN stays NaN (max and min return their second operand when one is NaN).
+inline void add_bias_elu(float* __restrict row, const float* __restrict bias, int64_t n, const float* __restrict x = nullptr,
+                         const float* __restrict w = nullptr, int64_t num_x = 0) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
+    for (int64_t k = 0; k < num_x; ++k) v = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), _mm256_loadu_ps(w + k * n + j), v);
+    const __m256 e = _mm256_sub_ps(exp_nonpositive(_mm256_min_ps(v, zero)), one);
+    _mm256_storeu_ps(row + j, _mm256_max_ps(e, v));
+  }
+#endif
+  for (; j < n; ++j) {
+    float v = row[j] + bias[j];
+    for (int64_t k = 0; k < num_x; ++k) v += x[k] * w[k * n + j];
+    const float e = exp_nonpositive(v < 0.f ? v : 0.f) - 1.f;
+    row[j] = e > v ? e : v;
+  }
+}
+
+// tanh(x) = x P(x^2) / Q(x^2) for x clamped to [-c, c]; coefficients in ascending powers.
+constexpr float kTanhClamp = 7.90531110763549805f;
+constexpr float kTanhP[7] = {4.89352455891786e-03f,  6.37261928875436e-04f, 1.48572235717979e-05f, 5.12229709037114e-08f,
+                         -8.60467152213735e-11f, 2.00018790482477e-13f, -2.76076847742355e-16f};
+constexpr float kTanhQ[4] = {4.89352518554385e-03f, 2.26843463243900e-03f, 1.18534705686654e-04f, 1.19825839466702e-06f};
+
+inline float rational_tanh(float x) {
+  x = x < -kTanhClamp ? -kTanhClamp : (x > kTanhClamp ? kTanhClamp : x);  // a NaN passes through
+  const float x2 = x * x;
+  float p = kTanhP[6];
+  for (int i = 5; i >= 0; --i) p = p * x2 + kTanhP[i];
+  float q = kTanhQ[3];
+  for (int i = 2; i >= 0; --i) q = q * x2 + kTanhQ[i];
+  return x * p / q;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 rational_tanh(__m256 x) {
+  // max/min return their second operand when one is NaN: the constant first keeps a NaN
+  x = _mm256_min_ps(_mm256_set1_ps(kTanhClamp), _mm256_max_ps(_mm256_set1_ps(-kTanhClamp), x));
+  const __m256 x2 = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(kTanhP[6]);
+  for (int i = 5; i >= 0; --i) p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kTanhP[i]));
+  __m256 q = _mm256_set1_ps(kTanhQ[3]);
+  for (int i = 2; i >= 0; --i) q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(kTanhQ[i]));
+  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// out = tanh((x - mean) * rstd * weight + bias) for one row of n; out may be x.
+inline void layer_norm_tanh_row(const float* x, const float* __restrict weight, const float* __restrict bias, float* out,
+                         int64_t n, float eps, float* mean_out, float* rstd_out) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    acc0 = _mm256_add_ps(acc0, _mm256_loadu_ps(x + j));
+    acc1 = _mm256_add_ps(acc1, _mm256_loadu_ps(x + j + 8));
+  }
+  sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; j < n; ++j) sum += x[j];
+  const float mean = sum / static_cast<float>(n);
+
+  j = 0;
+  float squares = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 mean_v = _mm256_set1_ps(mean);
+  acc0 = _mm256_setzero_ps();
+  acc1 = _mm256_setzero_ps();
+  for (; j + 16 <= n; j += 16) {
+    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + j), mean_v);
+    const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), mean_v);
+    acc0 = _mm256_fmadd_ps(d0, d0, acc0);
+    acc1 = _mm256_fmadd_ps(d1, d1, acc1);
+  }
+  squares = horizontal_sum(_mm256_add_ps(acc0, acc1));
+#endif
+  for (; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
+  const float rstd = 1.f / std::sqrt(squares / static_cast<float>(n) + eps);
+  const float shift = -mean * rstd;  // (x - mean) * rstd = x * rstd + shift
+
+  j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 rstd_v = _mm256_set1_ps(rstd), shift_v = _mm256_set1_ps(shift);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 normalized = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), rstd_v, shift_v);
+    const __m256 y = _mm256_fmadd_ps(normalized, _mm256_loadu_ps(weight + j), _mm256_loadu_ps(bias + j));
+    _mm256_storeu_ps(out + j, rational_tanh(y));
+  }
+#endif
+  for (; j < n; ++j) out[j] = rational_tanh((x[j] * rstd + shift) * weight[j] + bias[j]);
+  if (mean_out != nullptr) {
+    *mean_out = mean;
+    *rstd_out = rstd;
+  }
+}
+
+// sum_j x[j] y[j] (a one-output layer's row).
+inline float dot(const float* __restrict x, const float* __restrict y, int64_t n) {
+  int64_t j = 0;
+  float sum = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 acc = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), acc);
+  sum = horizontal_sum(acc);
+#endif
+  for (; j < n; ++j) sum += x[j] * y[j];
+  return sum;
+}
+
+}  // namespace sb3_tdmpc
