@@ -397,7 +397,8 @@ def kernel_flops(fn, op) -> tuple[int, int]:
 def test_planner_value_estimates_match(num_envs, num_seq, mlp_dim, cpu_kernel_path):
     """
     The planner's returns: the fast rollout (first layer shared at t = 0; on CPU one fused call, each
-    thread through the whole horizon) against a per-step loop, and the kernel's FLOPs those of the ops.
+    thread through the whole horizon; with a gradient layer by layer) against a per-step loop, and the
+    kernel's FLOPs those of the ops.
     """
     policy = make_policy(mlp_dim=mlp_dim)
     z = th.randn(num_envs, 8)
@@ -413,6 +414,8 @@ def test_planner_value_estimates_match(num_envs, num_seq, mlp_dim, cpu_kernel_pa
         )
     assert close(value, ref_value) and close(z_end, ref_z)
     assert (fused > 0) == (cpu_kernel_path == "cpu kernels")
+    with_grad = policy.model.rollout_return(z, actions, policy.gamma)  # layer by layer, differentiable
+    assert with_grad[0].requires_grad and close(with_grad[0], ref_value) and close(with_grad[1], ref_z)
     with th.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(policies, "chain_kernels_apply", lambda x: False)  # layer by layer
         assert kernel_flops(lambda: policy.model.rollout_return(z, actions, policy.gamma), None)[0] == total

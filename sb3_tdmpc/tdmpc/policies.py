@@ -791,12 +791,7 @@ class WorldModel(nn.Module):
             rows = actions.reshape(horizon, num_envs * num_seq, action_dim)
             value, z = cpu_kernels.rollout_return(z_part, rows, w_z, w_a, bias, d_layers, r_layers, gamma)
             return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)
-        if cpu_kernels_apply(z):  # W_z z + b as the bias of its environment's rows
-            parts = [affine_elu(actions[0, env], w_a, z_part[env]) for env in range(num_envs)]
-            hidden = parts[0] if num_envs == 1 else th.cat(parts)
-        else:
-            hidden = add_narrow_matmul(z_part.unsqueeze(1), actions[0], w_a)
-            hidden = elu_(hidden.view(num_envs * num_seq, -1))
+        hidden = elu_(add_narrow_matmul(z_part.unsqueeze(1), actions[0], w_a).view(num_envs * num_seq, -1))
         for t in range(horizon):
             if t > 0:
                 action = actions[t].reshape(num_envs * num_seq, action_dim)
