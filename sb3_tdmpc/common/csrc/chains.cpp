@@ -1,11 +1,12 @@
-// The planner's latent rollout, sum_t gamma^t R(z_t, a_t) and z_H, on CPU with no gradient: each thread
-// takes its own rows (action sequences) through the whole horizon, every layer a single-threaded MKL
-// GEMM on a block of up to 256 rows followed by its bias and ELU in one vectorised pass. Layer by layer
-// in PyTorch ops, each of the horizon's dozen GEMMs on 512 rows is split over both threads and ends in a
-// barrier, and the elementwise passes and Python's dispatch between them leave one thread waiting; here
-// the threads meet once. The same computation as WorldModel.rollout_return's layers (the first layer's
-// z-part of t = 0 given per environment, its action part a rank-A update inside the ELU's pass).
-// docs/performance.md measures it; tests/test_equivalence.py checks it.
+// Whole chains of layers on CPU with no gradient: the planner's latent rollout (sum_t gamma^t R(z_t, a_t)
+// and z_H) and min_i Q_i(z, pi(z)) (the planner's terminal values, the TD targets). Each thread takes its
+// own rows through every layer, each a single-threaded MKL GEMM on a block of up to 256 rows followed by
+// its bias and ELU (or LayerNorm-tanh) in one vectorised pass per row. Layer by layer in PyTorch ops,
+// each of the planner's GEMMs on 512 rows is split over both threads and ends in a barrier, and the
+// elementwise passes and Python's dispatch between them leave one thread waiting; here the threads meet
+// once per call. The same computations as WorldModel.rollout_return's and QEnsemble's layers (the first
+// layer's action part a rank-A update inside the ELU's pass). docs/performance.md measures them;
+// tests/test_equivalence.py checks them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "row_blocks.h"
 #include "row_ops.h"
 
 namespace {
@@ -26,6 +28,15 @@ using sb3_tdmpc::layer_norm_tanh_row;
 
 // Rows per block: a block's [256, 1024] first hidden layer (1 MiB) and its [256, 512] layers stay in L2/L3.
 constexpr int64_t kBlockRows = 256;
+
+// x <- ELU(x @ weight_t + b), written into out ([rows of x, out features]).
+void elu_layer(at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& b, at::Tensor& out) {
+  at::mm_out(out, x, weight_t);
+  const int64_t rows = out.size(0), width = out.size(1);
+  float* data = out.data_ptr<float>();
+  for (int64_t i = 0; i < rows; ++i) add_bias_elu(data + i * width, b.const_data_ptr<float>(), width);
+  x = out;
+}
 
 void check_float(const char* op, const at::Tensor& t, int64_t dim, const char* what) {
   TORCH_CHECK(t.dim() == dim && t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", what, " must be a ", dim,
@@ -81,60 +92,44 @@ std::tuple<at::Tensor, at::Tensor> rollout_return(const at::Tensor& first_z_part
   auto value = at::zeros({rows, 1}, options);
   auto z_end = at::empty({rows, latent_dim}, options);
 
-  const int64_t threads = at::get_num_threads();
-  const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
-  const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start without it
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = block * block_rows, n = std::min(rows, start + block_rows) - start;
-      if (n <= 0) continue;
-      auto hidden = at::empty({n, width}, options);
-      std::vector<at::Tensor> d_hidden, r_hidden;
+  sb3_tdmpc::for_each_row_block(rows, kBlockRows, [&](int64_t start, int64_t n) {
+    auto hidden = at::empty({n, width}, options);
+    std::vector<at::Tensor> d_hidden, r_hidden;
+    for (int64_t l = 0; l < num_hidden; ++l) {
+      d_hidden.push_back(at::empty({n, dynamics_weights_t[l].size(1)}, options));
+      r_hidden.push_back(at::empty({n, reward_weights_t[l].size(1)}, options));
+    }
+    auto z = z_end.narrow(0, start, n);
+    float* block_value = value.data_ptr<float>() + start;
+    float* h = hidden.data_ptr<float>();
+    float discount = 1.f;
+    for (int64_t t = 0; t < horizon; ++t) {
+      const float* a = acts.const_data_ptr<float>() + (t * rows + start) * action_dim;
+      // ELU(W_z z + b + W_a a): at t = 0, W_z z_0 + b per environment; later W_z z_t by GEMM
+      if (t == 0) {
+        for (int64_t i = 0; i < n; ++i) {
+          const float* env_part = z_part.const_data_ptr<float>() + ((start + i) / num_seq) * width;
+          std::fill(h + i * width, h + (i + 1) * width, 0.f);
+          add_bias_elu(h + i * width, env_part, width, a + i * action_dim, w_a.const_data_ptr<float>(), action_dim);
+        }
+      } else {
+        at::mm_out(hidden, z, first_weight_z);
+        for (int64_t i = 0; i < n; ++i)
+          add_bias_elu(h + i * width, bias.const_data_ptr<float>(), width, a + i * action_dim, w_a.const_data_ptr<float>(),
+                       action_dim);
+      }
+      at::Tensor d = hidden.narrow(1, 0, width / 2), r = hidden.narrow(1, width / 2, width / 2);
       for (int64_t l = 0; l < num_hidden; ++l) {
-        d_hidden.push_back(at::empty({n, dynamics_weights_t[l].size(1)}, options));
-        r_hidden.push_back(at::empty({n, reward_weights_t[l].size(1)}, options));
+        elu_layer(d, dynamics_weights_t[l], d_bias[l], d_hidden[l]);
+        elu_layer(r, reward_weights_t[l], r_bias[l], r_hidden[l]);
       }
-      // x <- ELU(x @ weight_t + b), into out
-      const auto hidden_layer = [n](at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& b, at::Tensor& out) {
-        at::mm_out(out, x, weight_t);
-        const int64_t out_width = out.size(1);
-        float* o = out.data_ptr<float>();
-        for (int64_t i = 0; i < n; ++i) add_bias_elu(o + i * out_width, b.const_data_ptr<float>(), out_width);
-        x = out;
-      };
-      auto z = z_end.narrow(0, start, n);
-      float* block_value = value.data_ptr<float>() + start;
-      float* h = hidden.data_ptr<float>();
-      float discount = 1.f;
-      for (int64_t t = 0; t < horizon; ++t) {
-        const float* a = acts.const_data_ptr<float>() + (t * rows + start) * action_dim;
-        // ELU(W_z z + b + W_a a): at t = 0, W_z z_0 + b per environment; later W_z z_t by GEMM
-        if (t == 0) {
-          for (int64_t i = 0; i < n; ++i) {
-            const float* env_part = z_part.const_data_ptr<float>() + ((start + i) / num_seq) * width;
-            std::fill(h + i * width, h + (i + 1) * width, 0.f);
-            add_bias_elu(h + i * width, env_part, width, a + i * action_dim, w_a.const_data_ptr<float>(), action_dim);
-          }
-        } else {
-          at::mm_out(hidden, z, first_weight_z);
-          for (int64_t i = 0; i < n; ++i)
-            add_bias_elu(h + i * width, bias.const_data_ptr<float>(), width, a + i * action_dim, w_a.const_data_ptr<float>(),
-                         action_dim);
-        }
-        at::Tensor d = hidden.narrow(1, 0, width / 2), r = hidden.narrow(1, width / 2, width / 2);
-        for (int64_t l = 0; l < num_hidden; ++l) {
-          hidden_layer(d, dynamics_weights_t[l], d_bias[l], d_hidden[l]);
-          hidden_layer(r, reward_weights_t[l], r_bias[l], r_hidden[l]);
-        }
-        at::addmm_out(z, d_bias[num_hidden], d, dynamics_weights_t[num_hidden]);  // z_{t+1} = d(z_t, a_t)
-        const float* r_data = r.const_data_ptr<float>();
-        const float r_out_bias = *r_bias[num_hidden].const_data_ptr<float>();
-        const int64_t r_width = r.size(1), r_stride = r.stride(0);
-        for (int64_t i = 0; i < n; ++i)  // G += gamma^t R(z_t, a_t)
-          block_value[i] += discount * (dot(r_data + i * r_stride, reward_out.const_data_ptr<float>(), r_width) + r_out_bias);
-        discount *= static_cast<float>(gamma);
-      }
+      at::addmm_out(z, d_bias[num_hidden], d, dynamics_weights_t[num_hidden]);  // z_{t+1} = d(z_t, a_t)
+      const float* r_data = r.const_data_ptr<float>();
+      const float r_out_bias = *r_bias[num_hidden].const_data_ptr<float>();
+      const int64_t r_width = r.size(1), r_stride = r.stride(0);
+      for (int64_t i = 0; i < n; ++i)  // G += gamma^t R(z_t, a_t)
+        block_value[i] += discount * (dot(r_data + i * r_stride, reward_out.const_data_ptr<float>(), r_width) + r_out_bias);
+      discount *= static_cast<float>(gamma);
     }
   });
   return {value, z_end};
@@ -191,53 +186,42 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
   const auto out_bias = q_biases[2].contiguous().view(-1);
   auto value = at::empty({rows, 1}, options);
 
-  const int64_t threads = at::get_num_threads();
-  const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
-  const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = block * block_rows, n = std::min(rows, start + block_rows) - start;
-      if (n <= 0) continue;
-      // a = tanh(pi(z)) [+ noise], written next to z: [z, a] is Q's input
-      auto z_action = at::empty({n, latent_dim + action_dim}, options);
-      z_action.narrow(1, 0, latent_dim).copy_(input.narrow(0, start, n));
-      at::Tensor x = input.narrow(0, start, n);
-      for (int64_t l = 0; l + 1 < num_pi; ++l) {
-        auto out = at::empty({n, pi_weights_t[l].size(1)}, options);
-        at::mm_out(out, x, pi_weights_t[l]);
-        float* o = out.data_ptr<float>();
-        const int64_t out_width = out.size(1);
-        for (int64_t i = 0; i < n; ++i) add_bias_elu(o + i * out_width, pi_bias[l].const_data_ptr<float>(), out_width);
-        x = out;
+  sb3_tdmpc::for_each_row_block(rows, kBlockRows, [&](int64_t start, int64_t n) {
+    // a = tanh(pi(z)) [+ noise], written next to z: [z, a] is Q's input
+    auto z_action = at::empty({n, latent_dim + action_dim}, options);
+    z_action.narrow(1, 0, latent_dim).copy_(input.narrow(0, start, n));
+    at::Tensor x = input.narrow(0, start, n);
+    for (int64_t l = 0; l + 1 < num_pi; ++l) {
+      auto out = at::empty({n, pi_weights_t[l].size(1)}, options);
+      elu_layer(x, pi_weights_t[l], pi_bias[l], out);
+    }
+    auto mu = z_action.narrow(1, latent_dim, action_dim);
+    at::addmm_out(mu, pi_bias[num_pi - 1], x, pi_weights_t[num_pi - 1]);
+    const float* noise_data = noisy ? noise.const_data_ptr<float>() : nullptr;
+    float* za = z_action.data_ptr<float>();
+    const int64_t za_width = z_action.size(1);
+    for (int64_t i = 0; i < n; ++i) {
+      float* a = za + i * za_width + latent_dim;
+      for (int64_t k = 0; k < action_dim; ++k) {
+        a[k] = std::tanh(a[k]);
+        if (noisy) a[k] = std::clamp(a[k] + noise_data[(start + i) * action_dim + k], -1.f + 1e-6f, 1.f - 1e-6f);
       }
-      auto mu = z_action.narrow(1, latent_dim, action_dim);
-      at::addmm_out(mu, pi_bias[num_pi - 1], x, pi_weights_t[num_pi - 1]);
-      float* za = z_action.data_ptr<float>();
-      const int64_t za_width = z_action.size(1);
+    }
+    // min_i Q_i(z, a)
+    auto hidden = at::empty({n, width}, options), hidden2 = at::empty({n, width}, options);
+    float* h = hidden.data_ptr<float>();
+    float* h2 = hidden2.data_ptr<float>();
+    float* block_value = value.data_ptr<float>() + start;
+    for (int64_t q = 0; q < num_q; ++q) {
+      at::addmm_out(hidden, first_bias[q], z_action, q_weights[0].select(0, q));
+      for (int64_t i = 0; i < n; ++i)
+        layer_norm_tanh_row(h + i * width, norm_weight_c[q].const_data_ptr<float>(), norm_bias_c[q].const_data_ptr<float>(),
+                            h + i * width, width, static_cast<float>(eps), nullptr, nullptr);
+      at::mm_out(hidden2, hidden, q_weights[1].select(0, q));
       for (int64_t i = 0; i < n; ++i) {
-        float* a = za + i * za_width + latent_dim;
-        for (int64_t k = 0; k < action_dim; ++k) {
-          a[k] = std::tanh(a[k]);
-          if (noisy) a[k] = std::clamp(a[k] + noise.const_data_ptr<float>()[(start + i) * action_dim + k], -1.f + 1e-6f, 1.f - 1e-6f);
-        }
-      }
-      // min_i Q_i(z, a)
-      auto hidden = at::empty({n, width}, options), hidden2 = at::empty({n, width}, options);
-      float* h = hidden.data_ptr<float>();
-      float* h2 = hidden2.data_ptr<float>();
-      float* block_value = value.data_ptr<float>() + start;
-      for (int64_t q = 0; q < num_q; ++q) {
-        at::addmm_out(hidden, first_bias[q], z_action, q_weights[0].select(0, q));
-        for (int64_t i = 0; i < n; ++i)
-          layer_norm_tanh_row(h + i * width, norm_weight_c[q].const_data_ptr<float>(), norm_bias_c[q].const_data_ptr<float>(),
-                              h + i * width, width, static_cast<float>(eps), nullptr, nullptr);
-        at::mm_out(hidden2, hidden, q_weights[1].select(0, q));
-        for (int64_t i = 0; i < n; ++i) {
-          add_bias_elu(h2 + i * width, hidden_bias[q].const_data_ptr<float>(), width);
-          const float v = dot(h2 + i * width, out_weight[q].const_data_ptr<float>(), width) + out_bias.const_data_ptr<float>()[q];
-          if (q == 0 || std::isnan(v) || (v < block_value[i] && !std::isnan(block_value[i]))) block_value[i] = v;
-        }
+        add_bias_elu(h2 + i * width, hidden_bias[q].const_data_ptr<float>(), width);
+        const float v = dot(h2 + i * width, out_weight[q].const_data_ptr<float>(), width) + out_bias.const_data_ptr<float>()[q];
+        if (q == 0 || std::isnan(v) || (v < block_value[i] && !std::isnan(block_value[i]))) block_value[i] = v;
       }
     }
   });

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "row_blocks.h"
 #include "row_ops.h"
 
 namespace {
@@ -26,22 +27,14 @@ constexpr int64_t kBlockedFromRowsPerThread = 512;
 // Whether `rows` are many enough for each thread's own row blocks.
 bool row_blocked(int64_t rows) { return rows >= at::get_num_threads() * kBlockedFromRowsPerThread; }
 
-// out = input @ weight, each thread over its own blocks of about kBlockRows rows (as many per thread,
-// so that the threads finish together), then `epilogue(block_data, block_rows)` on each block in L2.
+// out = input @ weight, each thread over its own blocks of about kBlockRows rows, then
+// `epilogue(block_data, block_rows)` on each block in L2.
 template <typename Epilogue>
 void row_blocked_mm_out(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
-  const int64_t rows = input.size(0), threads = at::get_num_threads();
-  const int64_t num_blocks = threads * std::max<int64_t>(1, (rows + threads * kBlockRows - 1) / (threads * kBlockRows));
-  const int64_t block_rows = (rows + num_blocks - 1) / num_blocks;
-  at::parallel_for(0, num_blocks, 1, [&](int64_t first, int64_t last) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // per thread: worker threads start without it
-    for (int64_t block = first; block < last; ++block) {
-      const int64_t start = block * block_rows, stop = std::min(rows, start + block_rows);
-      if (start >= stop) continue;
-      auto out_block = out.narrow(0, start, stop - start);
-      at::mm_out(out_block, input.narrow(0, start, stop - start), weight);
-      epilogue(out_block.data_ptr<float>(), stop - start);
-    }
+  sb3_tdmpc::for_each_row_block(input.size(0), kBlockRows, [&](int64_t start, int64_t n) {
+    auto out_block = out.narrow(0, start, n);
+    at::mm_out(out_block, input.narrow(0, start, n), weight);
+    epilogue(out_block.data_ptr<float>(), n);
   });
 }
 
