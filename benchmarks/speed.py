@@ -295,7 +295,8 @@ CATEGORIES = {
         "native_layer_norm", "native_layer_norm_backward", "sigmoid", "sigmoid_", "tanh", "tanh_backward",
         "sb3_tdmpc_cpu::layer_norm_tanh", "sb3_tdmpc_cpu::layer_norm_tanh_",
     ),
-    # their GEMMs count as matmul above: the rest of the ops' own time (bias, ELU, LayerNorm-tanh)
+    # their GEMMs count as matmul above: the rest of their time on the calling thread (bias, ELU,
+    # LayerNorm-tanh, and the wait for the other thread)
     "each thread through a whole chain, elementwise (sb3_tdmpc's rollout_return, min_q_of_policy)": (
         "sb3_tdmpc_cpu::rollout_return", "sb3_tdmpc_cpu::min_q_of_policy",
     ),

@@ -652,6 +652,14 @@ class QEnsemble(nn.Module):
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
 
+def policy_noise(shape: tuple[int, ...] | th.Size, std: float, like: th.Tensor) -> th.Tensor:
+    """
+    The policy prior's action noise, N(0, std^2) clipped to +-0.3 (TD-MPC's ``TruncatedNormal(clip=0.3)``),
+    on ``like``'s device and dtype.
+    """
+    return (th.randn(shape, device=like.device, dtype=like.dtype) * std).clamp(-0.3, 0.3)
+
+
 def min_q_of_policy(model: nn.Module, q: nn.Module, z: th.Tensor, std: float) -> th.Tensor:
     """
     ``min_i Q_i(z, pi(z))`` ``[..., 1]``: ``model``'s policy prior (noise of scale ``std``) and the
@@ -661,9 +669,7 @@ def min_q_of_policy(model: nn.Module, q: nn.Module, z: th.Tensor, std: float) ->
     pi_net = getattr(model, "pi_net", None)
     if isinstance(q, QEnsemble) and pi_net is not None and is_elu_mlp(pi_net) and chain_kernels_apply(z):
         rows = z.reshape(-1, z.shape[-1])
-        noise = None
-        if std > 0:  # pi's draw, as WorldModel.pi makes it
-            noise = (th.randn(rows.shape[0], pi_net[-1].out_features, device=z.device) * std).clamp(-0.3, 0.3)
+        noise = policy_noise((rows.shape[0], pi_net[-1].out_features), std, z) if std > 0 else None
         pi_layers = [(layer.weight.t(), layer.bias) for layer in list(pi_net)[::2]]
         q_layers = list(q.weights), list(q.biases)
         value = cpu_kernels.min_q_of_policy(
@@ -811,7 +817,7 @@ class WorldModel(nn.Module):
         mu = th.tanh(forward_mlp(self.pi_net, z))
         if std <= 0:
             return mu
-        noisy = mu + (th.randn_like(mu) * std).clamp(-0.3, 0.3)
+        noisy = mu + policy_noise(mu.shape, std, mu)
         return noisy + (noisy.clamp(-1 + 1e-6, 1 - 1e-6) - noisy).detach()
 
 

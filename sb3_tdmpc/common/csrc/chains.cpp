@@ -175,7 +175,7 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
 
   const auto options = z.options();
   const auto input = z.contiguous();
-  std::vector<at::Tensor> pi_bias, first_bias, hidden_bias, out_weight, norm_w, norm_b;
+  std::vector<at::Tensor> pi_bias, first_bias, hidden_bias, out_weight;
   for (int64_t l = 0; l < num_pi; ++l) pi_bias.push_back(pi_biases[l].contiguous().view(-1));
   const auto norm_weight_c = norm_weight.contiguous().view({num_q, width}), norm_bias_c = norm_bias.contiguous().view({num_q, width});
   for (int64_t q = 0; q < num_q; ++q) {

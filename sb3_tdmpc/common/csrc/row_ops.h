@@ -78,7 +78,7 @@ inline void add_bias_elu(float* __restrict row, const float* __restrict bias, in
 // tanh(x) = x P(x^2) / Q(x^2) for x clamped to [-c, c]; coefficients in ascending powers.
 constexpr float kTanhClamp = 7.90531110763549805f;
 constexpr float kTanhP[7] = {4.89352455891786e-03f,  6.37261928875436e-04f, 1.48572235717979e-05f, 5.12229709037114e-08f,
-                         -8.60467152213735e-11f, 2.00018790482477e-13f, -2.76076847742355e-16f};
+                             -8.60467152213735e-11f, 2.00018790482477e-13f, -2.76076847742355e-16f};
 constexpr float kTanhQ[4] = {4.89352518554385e-03f, 2.26843463243900e-03f, 1.18534705686654e-04f, 1.19825839466702e-06f};
 
 inline float rational_tanh(float x) {
@@ -113,7 +113,7 @@ inline float horizontal_sum(__m256 v) {
 
 // out = tanh((x - mean) * rstd * weight + bias) for one row of n; out may be x.
 inline void layer_norm_tanh_row(const float* x, const float* __restrict weight, const float* __restrict bias, float* out,
-                         int64_t n, float eps, float* mean_out, float* rstd_out) {
+                                int64_t n, float eps, float* mean_out, float* rstd_out) {
   int64_t j = 0;
   float sum = 0.f;
 #if defined(__AVX2__) && defined(__FMA__)
