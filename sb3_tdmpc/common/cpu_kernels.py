@@ -2,7 +2,7 @@
 Fused CPU kernels (``csrc/``), built on first use by torch's C++ extension loader.
 
 The build needs a C++ compiler and ninja (``pip install ninja``); it runs once per machine and
-torch version and is cached in ``TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where it cannot
+torch version and is cached under ``TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``). Where it cannot
 be built (one warning says why), or with ``SB3_TDMPC_CPU_KERNELS=0``, the networks run the same
 computation in PyTorch ops. docs/performance.md measures the kernels; tests/test_equivalence.py
 checks them against PyTorch's.
@@ -10,13 +10,20 @@ checks them against PyTorch's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch as th
 from torch.utils.flop_counter import register_flop_formula
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 _SOURCES = [
     str(Path(__file__).with_name("csrc") / name)
@@ -103,16 +110,21 @@ def _build() -> bool:
     # x86 with AVX2: the ELU's vectorised path (the source falls back to scalar code elsewhere).
     vector = th.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
     flags = ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
+    # One build per torch version (the extension's ABI) and instruction set.
+    name = f"sb3_tdmpc_cpu_kernels_torch{th.__version__.replace('.', '_').replace('+', '_')}"
+    name += "_avx2" if vector else ""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    build_directory = Path(root) / "sb3_tdmpc" / name
     try:
-        cpp_extension.load(
-            # One build per torch version (the extension's ABI) and instruction set.
-            name=f"sb3_tdmpc_cpu_kernels_torch{th.__version__.replace('.', '_').replace('+', '_')}"
-            + ("_avx2" if vector else ""),
-            sources=_SOURCES,
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-        )
+        with _exclusive_build(build_directory):
+            cpp_extension.load(
+                name=name,
+                sources=_SOURCES,
+                extra_cflags=flags,
+                extra_ldflags=["-fopenmp"],
+                build_directory=str(build_directory),
+                is_python_module=False,
+            )
     except Exception as error:  # no compiler, no ninja, a failed build: PyTorch ops instead
         warnings.warn(
             f"sb3_tdmpc: could not build its fused CPU kernels ({type(error).__name__}: {error}); "
@@ -121,6 +133,28 @@ def _build() -> bool:
         )
         return False
     return True
+
+
+@contextlib.contextmanager
+def _exclusive_build(build_directory: Path) -> Iterator[None]:
+    """
+    Build in ``build_directory`` with no other process building there.
+
+    torch's loader marks a build in progress with a ``lock`` file and waits, without end, while one
+    exists, so a build that was killed (a time limit, a restart) would stall every later process. An
+    ``flock`` is released by the system when its holder dies: under it, any ``lock`` file is such a leftover.
+    """
+    build_directory.mkdir(parents=True, exist_ok=True)
+    with open(build_directory / "sb3_tdmpc.lock", "a") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            leftover = build_directory / "lock"
+            if leftover.exists():
+                warnings.warn(
+                    f"sb3_tdmpc: removing {leftover}, left by a build that did not finish", stacklevel=3
+                )
+                leftover.unlink(missing_ok=True)
+        yield
 
 
 def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
