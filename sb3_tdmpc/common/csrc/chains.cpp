@@ -213,14 +213,18 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
     float* h2 = hidden2.data_ptr<float>();
     float* block_value = value.data_ptr<float>() + start;
     for (int64_t q = 0; q < num_q; ++q) {
+      const float* norm_w = norm_weight_c.const_data_ptr<float>() + q * width;
+      const float* norm_b = norm_bias_c.const_data_ptr<float>() + q * width;
+      const float* bias2 = hidden_bias[q].const_data_ptr<float>();
+      const float* w_out = out_weight[q].const_data_ptr<float>();
+      const float b_out = out_bias.const_data_ptr<float>()[q];
       at::addmm_out(hidden, first_bias[q], z_action, q_weights[0].select(0, q));
       for (int64_t i = 0; i < n; ++i)
-        layer_norm_tanh_row(h + i * width, norm_weight_c[q].const_data_ptr<float>(), norm_bias_c[q].const_data_ptr<float>(),
-                            h + i * width, width, static_cast<float>(eps), nullptr, nullptr);
+        layer_norm_tanh_row(h + i * width, norm_w, norm_b, h + i * width, width, static_cast<float>(eps), nullptr, nullptr);
       at::mm_out(hidden2, hidden, q_weights[1].select(0, q));
       for (int64_t i = 0; i < n; ++i) {
-        add_bias_elu(h2 + i * width, hidden_bias[q].const_data_ptr<float>(), width);
-        const float v = dot(h2 + i * width, out_weight[q].const_data_ptr<float>(), width) + out_bias.const_data_ptr<float>()[q];
+        add_bias_elu(h2 + i * width, bias2, width);
+        const float v = dot(h2 + i * width, w_out, width) + b_out;
         if (q == 0 || std::isnan(v) || (v < block_value[i] && !std::isnan(block_value[i]))) block_value[i] = v;
       }
     }
