@@ -569,6 +569,27 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
             assert th.equal(got.nan_to_num(0.0), F.elu(special).nan_to_num(0.0).expand(2, -1))
 
 
+@pytest.mark.parametrize("rows", [1, 37, 2600])
+def test_fused_elu_backward_matches_atens(rows):
+    """
+    The ELU backward kernel (from the output, with the bias gradient in the same pass, each thread
+    summing its own rows) against ATen's elu_backward and a sum, with zero, infinite and -1 outputs;
+    a NaN output gives a NaN gradient (ATen's vectorised and scalar paths differ there).
+    """
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    gen = th.Generator().manual_seed(0)
+    out = F.elu(th.randn(rows, 43, generator=gen) * 3)  # 43 columns: a vectorised part and a tail
+    out[0, :3] = th.tensor([0.0, float("inf"), -1.0])
+    grad = th.randn(rows, 43, generator=gen)
+    got, got_bias = cpu_kernels.elu_backward_bias_grad(grad, out)
+    want = th.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, out)
+    assert close(got, want) and close(got_bias, want.sum(0), atol=1e-4)
+    out[-1, 5], out[-1, 42] = float("nan"), float("nan")  # in the vectorised part and in the tail
+    got, got_bias = cpu_kernels.elu_backward_bias_grad(grad, out)
+    assert got.isnan().sum() == 2 and got[-1, [5, 42]].isnan().all() and got_bias[[5, 42]].isnan().all()
+
+
 def test_fused_linear_elu_is_within_1e_7_of_elu():
     """The kernel's ELU (exp(x) - 1 by a polynomial exp) over [-90, 10], vectorised and scalar parts."""
     if not cpu_kernels.load():
@@ -581,8 +602,9 @@ def test_fused_linear_elu_is_within_1e_7_of_elu():
 @pytest.mark.parametrize("rows", [1, 37, 2600])
 def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     """
-    tanh(LayerNorm) by the fused CPU kernel: values, native_layer_norm's statistics, gradients (input,
-    weight, bias), in place without a gradient; a NaN or an infinity makes its row NaN, as ATen's.
+    tanh(LayerNorm) by the fused CPU kernels: values, native_layer_norm's statistics, gradients (input,
+    weight, bias: the backward kernel, each thread summing its rows), in place without a gradient; a NaN
+    or an infinity makes its row NaN, as ATen's, and a NaN gradient its row's input gradient.
     """
     if not cpu_kernels.load():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
@@ -599,6 +621,10 @@ def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     got = gradients((fused * upstream).sum(), [h, weight, bias])
     want = gradients((expected * upstream).sum(), [h, weight, bias])
     assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
+    upstream[0, 7] = float("nan")
+    loss = (policies.layer_norm_tanh(h, weight, bias) * upstream).sum()
+    grad_h, grad_weight, _ = gradients(loss, [h, weight, bias])
+    assert grad_h[0].isnan().all() and grad_h[1:].isfinite().all() and grad_weight.isnan().any()
     with th.no_grad():
         out, mean, rstd = policies.layer_norm_tanh_with_statistics(h, weight, bias)
         _, ref_mean, ref_rstd = th.native_layer_norm(h, [40], weight, bias, 1e-5)

@@ -36,10 +36,15 @@ _loaded: bool | None = None  # None: not tried yet
 _LIBRARY = th.library.Library("sb3_tdmpc_cpu", "DEF")
 _LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor")
 _LIBRARY.define("mm(Tensor x, Tensor weight) -> Tensor")
+_LIBRARY.define("elu_backward_bias_grad(Tensor grad, Tensor out) -> (Tensor, Tensor)")
 _LIBRARY.define(
     "layer_norm_tanh(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor)"
 )
 _LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, float eps) -> ()")
+_LIBRARY.define(
+    "layer_norm_tanh_backward(Tensor grad, Tensor h, Tensor mean, Tensor rstd, Tensor out, Tensor weight) "
+    "-> (Tensor, Tensor, Tensor)"
+)
 _LIBRARY.define(
     "rollout_return(Tensor first_z_part, Tensor actions, Tensor first_weight_z, Tensor first_weight_a, "
     "Tensor first_bias, Tensor[] dynamics_weights_t, Tensor[] dynamics_biases, Tensor[] reward_weights_t, "
@@ -167,6 +172,14 @@ def mm(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
     return th.ops.sb3_tdmpc_cpu.mm(x, weight)
 
 
+def elu_backward_bias_grad(grad: th.Tensor, out: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """
+    The gradient through ELU from its output ``out [N, M]`` (ATen's ``elu_backward``) and its sum over
+    the rows (the bias gradient of the layer before), in one pass.
+    """
+    return th.ops.sb3_tdmpc_cpu.elu_backward_bias_grad(grad, out)
+
+
 def layer_norm_tanh(
     x: th.Tensor, weight: th.Tensor, bias: th.Tensor, eps: float = 1e-5
 ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -248,3 +261,14 @@ def layer_norm_tanh_(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, eps: floa
     """:func:`layer_norm_tanh` in place (``x``'s rows contiguous), without the statistics."""
     th.ops.sb3_tdmpc_cpu.layer_norm_tanh_(x, weight, bias, eps)
     return x
+
+
+def layer_norm_tanh_backward(
+    grad: th.Tensor, h: th.Tensor, mean: th.Tensor, rstd: th.Tensor, out: th.Tensor, weight: th.Tensor
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    The gradients (``h``'s, ``weight``'s, ``bias``'s) of :func:`layer_norm_tanh`'s ``out`` from the
+    gradient of ``out``, its input ``h [N, C]`` and statistics: ATen's ``tanh_backward`` and
+    ``native_layer_norm_backward`` in two passes per row.
+    """
+    return th.ops.sb3_tdmpc_cpu.layer_norm_tanh_backward(grad, h, mean, rstd, out, weight)

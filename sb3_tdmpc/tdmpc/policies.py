@@ -45,8 +45,8 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
 # max(x, 0) + (exp(min(x, 0)) - 1) and tanh as 2 sigmoid(2x) - 1 (equal within float rounding),
 # with ATen's own fused backward kernels. Elsewhere (CUDA) the native kernels are fused already.
 # Eager on CPU, where they build (cpu_kernels), fused C++ kernels take a Linear-ELU layer (affine_elu),
-# Q's LayerNorm-tanh (layer_norm_tanh) and the backward's input gradients over many rows (matmul); the
-# ELU and tanh above serve what they do not take (compiled paths, a failed build).
+# Q's LayerNorm-tanh (layer_norm_tanh), the backward of both and the backward's input gradients over
+# many rows (matmul); the ELU and tanh above serve what they do not take (compiled paths, a failed build).
 
 
 class _ELU(th.autograd.Function):
@@ -293,7 +293,8 @@ def matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
 class _AffineELU(th.autograd.Function):
     """
     ``ELU(x @ weight_t + bias)`` (2-D ``x``) by the fused CPU kernel; the backward reads the output
-    (ELU's gradient from it, as :class:`_ELU`), then the affine map's gradients.
+    (ELU's gradient from it, as :class:`_ELU`, with the bias gradient in the same pass), then the
+    affine map's gradients.
     """
 
     @staticmethod
@@ -305,9 +306,9 @@ class _AffineELU(th.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
         x, weight_t, out = ctx.saved_tensors
-        grad = _elu_backward(grad, out)
-        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
-        return *_matmul_backward(ctx.needs_input_grad, grad, x, weight_t), grad_bias
+        grad, grad_bias = cpu_kernels.elu_backward_bias_grad(grad, out)
+        grad_x, grad_weight = _matmul_backward(ctx.needs_input_grad, grad, x, weight_t)
+        return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None
 
 
 class _FrozenQMember(th.autograd.Function):
@@ -315,9 +316,8 @@ class _FrozenQMember(th.autograd.Function):
     One Q member (Linear-LayerNorm-tanh-Linear-ELU-Linear) with frozen weights, differentiated with
     respect to the action alone: the policy prior's step. The backward runs only over the rows that
     the output gradient reaches (min(Q1, Q2) reaches one member per row; elsewhere, with finite
-    activations, every gradient of the chain is exactly zero), in 512-row blocks of ATen's kernels,
-    from the activations the forward saved: autograd's action gradient with about half the backward
-    work.
+    activations, every gradient of the chain is exactly zero), in 512-row blocks, from the
+    activations the forward saved: autograd's action gradient with about half the backward work.
     """
 
     @staticmethod
@@ -368,17 +368,9 @@ def frozen_q_member_backward(
     for block in rows.split(_ROW_BLOCK):  # no rows: one empty block
         grad = grad_q.index_select(0, block) * w3[:, 0]
         grad = _elu_backward(grad, e2.index_select(0, block))
-        grad = th.ops.aten.tanh_backward(th.mm(grad, w2.t()), t.index_select(0, block))
-        grad = th.ops.aten.native_layer_norm_backward(
-            grad,
-            h1.index_select(0, block),
-            [h1.shape[-1]],
-            mean.index_select(0, block),
-            rstd.index_select(0, block),
-            norm_weight,
-            None,
-            [True, False, False],
-        )[0]
+        grad = th.mm(grad, w2.t())
+        saved = [x.index_select(0, block) for x in (h1, mean, rstd, t)]
+        grad = layer_norm_tanh_backward(grad, *saved, norm_weight, (True, False, False))[0]
         grad_action.index_copy_(0, block, th.mm(grad, w_a.t()))
     return grad_action
 
@@ -457,21 +449,42 @@ def tanh_(x: th.Tensor) -> th.Tensor:
 
 
 class _LayerNormTanh(th.autograd.Function):
-    """``tanh(LayerNorm(h))`` by the fused CPU kernel; ATen's backward from the output and statistics."""
+    """``tanh(LayerNorm(h))`` by the fused CPU kernels, the backward from the output and statistics."""
 
     @staticmethod
     def forward(ctx: Any, h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
         out, mean, rstd = cpu_kernels.layer_norm_tanh(h, weight, bias, _LAYER_NORM_EPS)
-        ctx.save_for_backward(h, weight, bias, mean, rstd, out)
+        ctx.save_for_backward(h, weight, mean, rstd, out)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
-        h, weight, bias, mean, rstd, out = ctx.saved_tensors
-        grad = th.ops.aten.tanh_backward(grad, out)
-        return th.ops.aten.native_layer_norm_backward(
-            grad, h, [h.shape[-1]], mean, rstd, weight, bias, list(ctx.needs_input_grad)
-        )
+        h, weight, mean, rstd, out = ctx.saved_tensors
+        return layer_norm_tanh_backward(grad, h, mean, rstd, out, weight, ctx.needs_input_grad)
+
+
+def layer_norm_tanh_backward(
+    grad: th.Tensor,
+    h: th.Tensor,
+    mean: th.Tensor,
+    rstd: th.Tensor,
+    out: th.Tensor,
+    weight: th.Tensor,
+    needs_grad: tuple[bool, ...],
+) -> tuple[th.Tensor | None, ...]:
+    """
+    The gradients (``h``'s, the LayerNorm weight's and bias's, those ``needs_grad`` asks for) of
+    ``out = tanh(LayerNorm(h))`` from ``out``'s, its input ``h [N, C]`` and the statistics: on CPU
+    (eager), the fused kernel's two passes per row; elsewhere ATen's tanh and LayerNorm backward.
+    """
+    if cpu_kernels_apply(h):
+        grads = cpu_kernels.layer_norm_tanh_backward(grad, h, mean, rstd, out, weight)
+        return tuple(g if needed else None for g, needed in zip(grads, needs_grad, strict=True))
+    grad = th.ops.aten.tanh_backward(grad, out)
+    grad_h, grad_weight, _ = th.ops.aten.native_layer_norm_backward(
+        grad, h, [h.shape[-1]], mean, rstd, weight, None, [*needs_grad[:2], False]
+    )
+    return grad_h, grad_weight, grad.sum(0) if needs_grad[2] else None
 
 
 def layer_norm_tanh(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:

@@ -61,10 +61,44 @@ void layer_norm_tanh_(at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   apply(x, weight, bias, eps, x, nullptr, nullptr);
 }
 
+// The gradients of out = tanh(y weight + bias), y = (h - mean) rstd, from the gradient of out:
+// g_u = grad (1 - out^2), g_y = g_u weight, grad_h = rstd (g_y - mean(g_y) - y mean(g_y y)) (ATen's
+// native_layer_norm_backward), grad_weight = sum over rows of g_u y, grad_bias = sum of g_u. Two
+// passes per row while it is in L1 (row_ops.h; each thread sums the weight's and bias's over its own
+// rows) instead of ATen's tanh_backward and layer-norm backward, five passes over memory.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_tanh_backward(const at::Tensor& grad, const at::Tensor& h,
+                                                                        const at::Tensor& mean, const at::Tensor& rstd,
+                                                                        const at::Tensor& out, const at::Tensor& weight) {
+  TORCH_CHECK(h.dim() == 2 && grad.sizes() == h.sizes() && out.sizes() == h.sizes() && weight.dim() == 1 &&
+                  weight.size(0) == h.size(1) && mean.numel() == h.size(0) && rstd.numel() == h.size(0),
+              "layer_norm_tanh_backward: grad, h, out [N, C], mean, rstd [N, 1], weight [C]");
+  for (const auto* t : {&grad, &h, &mean, &rstd, &out, &weight})
+    TORCH_CHECK(t->scalar_type() == at::kFloat, "layer_norm_tanh_backward: float32 tensors");
+  const auto g_c = grad.contiguous(), h_c = h.contiguous(), mean_c = mean.contiguous(), rstd_c = rstd.contiguous(),
+             out_c = out.contiguous(), weight_c = weight.contiguous();
+  const int64_t rows = h.size(0), width = h.size(1), threads = at::get_num_threads();
+  auto grad_h = at::empty({rows, width}, h.options());
+  // Each thread's sums [threads, 2, C]: the weight's, then the bias's.
+  auto partial = at::zeros({threads, 2, width}, h.options());
+  const float *g = g_c.const_data_ptr<float>(), *x = h_c.const_data_ptr<float>(), *o = out_c.const_data_ptr<float>();
+  const float *m = mean_c.const_data_ptr<float>(), *r = rstd_c.const_data_ptr<float>(), *w = weight_c.const_data_ptr<float>();
+  float* dh = grad_h.data_ptr<float>();
+  float* sums = partial.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+    float* weight_sum = sums + at::get_thread_num() * 2 * width;
+    for (int64_t row = first; row < last; ++row)
+      sb3_tdmpc::layer_norm_tanh_backward_row(g + row * width, x + row * width, o + row * width, w, m[row], r[row],
+                                              dh + row * width, weight_sum, weight_sum + width, width);
+  });
+  auto param_grads = partial.sum(0);
+  return {grad_h, param_grads[0], param_grads[1]};
+}
+
 }  // namespace
 
 // The schemas are defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
 TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("layer_norm_tanh", &layer_norm_tanh);
   m.impl("layer_norm_tanh_", &layer_norm_tanh_);
+  m.impl("layer_norm_tanh_backward", &layer_norm_tanh_backward);
 }

@@ -1,5 +1,5 @@
 // The fused CPU kernels' vectorised row operations: ELU (with a bias and a few inputs' rank update),
-// LayerNorm-tanh and a dot product, each on one row while it is in L1.
+// LayerNorm-tanh, their backward and a dot product, each on one row while it is in L1.
 #pragma once
 
 #include <cmath>
@@ -158,6 +158,77 @@ inline void layer_norm_tanh_row(const float* x, const float* __restrict weight, 
   if (mean_out != nullptr) {
     *mean_out = mean;
     *rstd_out = rstd;
+  }
+}
+
+// The gradient through ELU from its output, as ATen's elu_backward (is_result): grad where out > 0,
+// else grad (out + 1) (NaN for a NaN output), into grad_in; column_sum += grad_in.
+inline void elu_backward_row(const float* __restrict grad, const float* __restrict out, float* __restrict grad_in,
+                             float* __restrict column_sum, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 g = _mm256_loadu_ps(grad + j), o = _mm256_loadu_ps(out + j);
+    const __m256 v = _mm256_blendv_ps(_mm256_mul_ps(g, _mm256_add_ps(o, one)), g, _mm256_cmp_ps(o, zero, _CMP_GT_OQ));
+    _mm256_storeu_ps(grad_in + j, v);
+    _mm256_storeu_ps(column_sum + j, _mm256_add_ps(_mm256_loadu_ps(column_sum + j), v));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float v = out[j] > 0.f ? grad[j] : grad[j] * (out[j] + 1.f);
+    grad_in[j] = v;
+    column_sum[j] += v;
+  }
+}
+
+// The gradients of out = tanh(y weight + bias), y = (x - mean) rstd, for one row of n, from out's:
+// g_u = grad (1 - out^2), grad_x = rstd (g_u weight - mean(g_u weight) - y mean(g_u weight y)) (ATen's
+// native_layer_norm_backward); weight_sum += g_u y and bias_sum += g_u (the parameters' gradients).
+inline void layer_norm_tanh_backward_row(const float* __restrict grad, const float* __restrict x, const float* __restrict out,
+                                         const float* __restrict weight, float mean, float rstd, float* __restrict grad_x,
+                                         float* __restrict weight_sum, float* __restrict bias_sum, int64_t n) {
+  int64_t j = 0;
+  float sum_gy = 0.f, sum_gy_y = 0.f;
+  const float shift = -mean * rstd;  // y = x rstd + shift
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 one = _mm256_set1_ps(1.f), rstd_v = _mm256_set1_ps(rstd), shift_v = _mm256_set1_ps(shift);
+  __m256 acc_gy = _mm256_setzero_ps(), acc_gy_y = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 o = _mm256_loadu_ps(out + j);
+    const __m256 g_u = _mm256_mul_ps(_mm256_loadu_ps(grad + j), _mm256_fnmadd_ps(o, o, one));
+    const __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), rstd_v, shift_v);
+    const __m256 g_y = _mm256_mul_ps(g_u, _mm256_loadu_ps(weight + j));
+    acc_gy = _mm256_add_ps(acc_gy, g_y);
+    acc_gy_y = _mm256_fmadd_ps(g_y, y, acc_gy_y);
+    _mm256_storeu_ps(weight_sum + j, _mm256_fmadd_ps(g_u, y, _mm256_loadu_ps(weight_sum + j)));
+    _mm256_storeu_ps(bias_sum + j, _mm256_add_ps(_mm256_loadu_ps(bias_sum + j), g_u));
+  }
+  sum_gy = horizontal_sum(acc_gy);
+  sum_gy_y = horizontal_sum(acc_gy_y);
+#endif
+  for (int64_t k = j; k < n; ++k) {
+    const float g_u = grad[k] * (1.f - out[k] * out[k]), y = x[k] * rstd + shift;
+    sum_gy += g_u * weight[k];
+    sum_gy_y += g_u * weight[k] * y;
+    weight_sum[k] += g_u * y;
+    bias_sum[k] += g_u;
+  }
+  const float mean_gy = sum_gy / static_cast<float>(n), mean_gy_y = sum_gy_y / static_cast<float>(n);
+  j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 mean_gy_v = _mm256_set1_ps(mean_gy), mean_gy_y_v = _mm256_set1_ps(mean_gy_y);
+  for (; j + 8 <= n; j += 8) {
+    const __m256 o = _mm256_loadu_ps(out + j);
+    const __m256 g_u = _mm256_mul_ps(_mm256_loadu_ps(grad + j), _mm256_fnmadd_ps(o, o, one));
+    const __m256 y = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), rstd_v, shift_v);
+    const __m256 centred = _mm256_fnmadd_ps(y, mean_gy_y_v, _mm256_fmsub_ps(g_u, _mm256_loadu_ps(weight + j), mean_gy_v));
+    _mm256_storeu_ps(grad_x + j, _mm256_mul_ps(rstd_v, centred));
+  }
+#endif
+  for (; j < n; ++j) {
+    const float g_u = grad[j] * (1.f - out[j] * out[j]), y = x[j] * rstd + shift;
+    grad_x[j] = rstd * (g_u * weight[j] - mean_gy - y * mean_gy_y);
   }
 }
 
