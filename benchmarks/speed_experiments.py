@@ -299,6 +299,31 @@ NO_LAYER_NORM_TANH_KERNEL = {
     "layer_norm_tanh_with_statistics": _layer_norm_tanh_with_statistics_by_pytorch_ops,
 }
 
+_LAYER_NORM_TANH_BACKWARD = policies.layer_norm_tanh_backward
+
+
+def _layer_norm_tanh_backward_by_aten(*args: Any) -> Any:
+    with patched(NO_CPU_KERNELS):
+        return _LAYER_NORM_TANH_BACKWARD(*args)
+
+
+class _AffineELUWithATenBackward(policies._AffineELU):
+    """``policies._AffineELU`` with ATen's ELU backward, then the bias gradient as a sum over the rows."""
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
+        x, weight_t, out = ctx.saved_tensors
+        grad = policies._elu_backward(grad, out)
+        grad_x, grad_weight = policies._matmul_backward(ctx.needs_input_grad, grad, x, weight_t)
+        return grad_x, grad_weight, grad.sum(0) if ctx.needs_input_grad[2] else None
+
+
+# The backward's ELU (with the bias gradient) and Q's LayerNorm-tanh by ATen's kernels, not the fused ones.
+ATEN_BACKWARD_PASSES = {
+    "_AffineELU": _AffineELUWithATenBackward,
+    "layer_norm_tanh_backward": _layer_norm_tanh_backward_by_aten,
+}
+
 # The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
 UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
@@ -315,6 +340,7 @@ COMPILE_SETTINGS = [
     ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
     ("eager, Q's LayerNorm-tanh by PyTorch ops", False, None, NO_LAYER_NORM_TANH_KERNEL),
     ("eager, input gradients by one matmul (no row blocks)", False, None, UNBLOCKED_INPUT_GRADIENTS),
+    ("eager, ELU and LayerNorm-tanh backward passes by ATen", False, None, ATEN_BACKWARD_PASSES),
     ("eager, chains layer by layer (no per-thread chains)", False, None, CHAINS_LAYER_BY_LAYER),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
