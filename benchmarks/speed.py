@@ -290,10 +290,12 @@ CATEGORIES = {
     "matmul and ELU in one kernel (sb3_tdmpc's linear_elu)": ("sb3_tdmpc_cpu::linear_elu",),
     "ELU (exp, clamp, maximum, sub) and its backward": (
         "exp", "exp_", "clamp", "clamp_", "clamp_min", "clamp_max", "maximum", "sub_", "elu", "elu_backward",
+        "sb3_tdmpc_cpu::elu_backward_bias_grad",
     ),
     "LayerNorm, tanh/sigmoid and their backward": (
         "native_layer_norm", "native_layer_norm_backward", "sigmoid", "sigmoid_", "tanh", "tanh_backward",
         "sb3_tdmpc_cpu::layer_norm_tanh", "sb3_tdmpc_cpu::layer_norm_tanh_",
+        "sb3_tdmpc_cpu::layer_norm_tanh_backward", "sb3_tdmpc_cpu::first_layer_norm_tanh_",
     ),
     # their GEMMs count as matmul above: the rest of their time on the calling thread (bias, ELU,
     # LayerNorm-tanh, and the wait for the other thread)

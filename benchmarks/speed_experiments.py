@@ -245,9 +245,11 @@ class _FrozenQMemberByAutograd:
     """``policies._FrozenQMember`` by autograd: the backward over all rows, compiled by Inductor too."""
 
     @staticmethod
-    def apply(z_part: th.Tensor, action: th.Tensor, w_a: th.Tensor, *weights: th.Tensor) -> th.Tensor:
+    def apply(
+        z_product: th.Tensor, b1: th.Tensor, action: th.Tensor, w_a: th.Tensor, *weights: th.Tensor
+    ) -> th.Tensor:
         norm_weight, norm_bias, w2, b2, w3, b3 = weights
-        h = policies.add_narrow_matmul(z_part, action, w_a)
+        h = policies.add_narrow_matmul(policies.add_bias(z_product, b1), action, w_a)
         h = policies.layer_norm_tanh(h, norm_weight, norm_bias)
         return policies.affine(policies.affine_elu(h, w2, b2), w3, b3)
 
@@ -277,10 +279,7 @@ SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
 # Every Linear-ELU layer and Q's LayerNorm-tanh as PyTorch ops, not the fused CPU kernels.
 NO_CPU_KERNELS = {"cpu_kernels_apply": _never}
 
-_LAYER_NORM_TANH, _LAYER_NORM_TANH_WITH_STATISTICS = (
-    policies.layer_norm_tanh,
-    policies.layer_norm_tanh_with_statistics,
-)
+_LAYER_NORM_TANH, _FIRST_LAYER_NORM_TANH = policies.layer_norm_tanh, policies.first_layer_norm_tanh
 
 
 def _layer_norm_tanh_by_pytorch_ops(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
@@ -288,15 +287,15 @@ def _layer_norm_tanh_by_pytorch_ops(h: th.Tensor, weight: th.Tensor, bias: th.Te
         return _LAYER_NORM_TANH(h, weight, bias)
 
 
-def _layer_norm_tanh_with_statistics_by_pytorch_ops(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> Any:
+def _first_layer_norm_tanh_by_pytorch_ops(*args: th.Tensor) -> Any:
     with patched(NO_CPU_KERNELS):
-        return _LAYER_NORM_TANH_WITH_STATISTICS(h, weight, bias)
+        return _FIRST_LAYER_NORM_TANH(*args)
 
 
 # Q's LayerNorm-tanh as PyTorch ops (ATen's layer_norm, then 2 sigmoid(2x) - 1), the Linear-ELU kernel kept.
 NO_LAYER_NORM_TANH_KERNEL = {
     "layer_norm_tanh": _layer_norm_tanh_by_pytorch_ops,
-    "layer_norm_tanh_with_statistics": _layer_norm_tanh_with_statistics_by_pytorch_ops,
+    "first_layer_norm_tanh": _first_layer_norm_tanh_by_pytorch_ops,
 }
 
 _LAYER_NORM_TANH_BACKWARD = policies.layer_norm_tanh_backward

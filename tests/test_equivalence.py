@@ -602,7 +602,8 @@ def test_fused_linear_elu_is_within_1e_7_of_elu():
 @pytest.mark.parametrize("rows", [1, 37, 2600])
 def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     """
-    tanh(LayerNorm) by the fused CPU kernels: values, native_layer_norm's statistics, gradients (input,
+    tanh(LayerNorm) by the fused CPU kernels: values, native_layer_norm's statistics (after Q's first
+    layer's bias and action part in the same pass, as in the policy step), gradients (input,
     weight, bias: the backward kernel, each thread summing its rows), in place without a gradient; a NaN
     or an infinity makes its row NaN, as ATen's, and a NaN gradient its row's input gradient.
     """
@@ -626,9 +627,18 @@ def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     grad_h, grad_weight, _ = gradients(loss, [h, weight, bias])
     assert grad_h[0].isnan().all() and grad_h[1:].isfinite().all() and grad_weight.isnan().any()
     with th.no_grad():
-        out, mean, rstd = policies.layer_norm_tanh_with_statistics(h, weight, bias)
-        _, ref_mean, ref_rstd = th.native_layer_norm(h, [40], weight, bias, 1e-5)
-        assert close(out, expected) and close(mean, ref_mean) and close(rstd, ref_rstd)
+        # Q's first layer in the policy step: h = z W_z + b1 + a W_a (from z W_z, overwritten), then above's.
+        product, b1 = th.randn(rows, 40, generator=gen), th.randn(40, generator=gen)
+        action, w_a = th.randn(rows, 4, generator=gen), th.randn(4, 40, generator=gen)
+        first = product + b1 + action @ w_a
+        h1, out, mean, rstd = policies.first_layer_norm_tanh(product, b1, action, w_a, weight, bias)
+        assert h1.data_ptr() == product.data_ptr() and close(h1, first)
+        _, ref_mean, ref_rstd = th.native_layer_norm(first, [40], weight, bias, 1e-5)
+        assert close(out, th.tanh(F.layer_norm(first, (40,), weight, bias)))
+        assert close(mean, ref_mean) and close(rstd, ref_rstd)
+        with FlopCounterMode(display=False) as flops:  # the rank-4 update, as the addmm it replaces
+            policies.first_layer_norm_tanh(product, b1, action, w_a, weight, bias)
+        assert flops.get_total_flops() == 2 * rows * 4 * 40
         fresh = h.detach().clone()
         in_place = policies.layer_norm_tanh(fresh, weight, bias)
         assert in_place.data_ptr() == fresh.data_ptr() and close(in_place, expected)

@@ -42,6 +42,10 @@ _LIBRARY.define(
 )
 _LIBRARY.define("layer_norm_tanh_(Tensor(a!) x, Tensor weight, Tensor bias, float eps) -> ()")
 _LIBRARY.define(
+    "first_layer_norm_tanh_(Tensor(a!) h, Tensor bias, Tensor x, Tensor x_weight, Tensor weight, "
+    "Tensor norm_bias, float eps) -> (Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define(
     "layer_norm_tanh_backward(Tensor grad, Tensor h, Tensor mean, Tensor rstd, Tensor out, Tensor weight) "
     "-> (Tensor, Tensor, Tensor)"
 )
@@ -59,6 +63,13 @@ _LIBRARY.define(
 @register_flop_formula([th.ops.sb3_tdmpc_cpu.linear_elu, th.ops.sb3_tdmpc_cpu.mm])
 def _matmul_flop(x_shape: list[int], weight_t_shape: list[int], *args: Any, **kwargs: Any) -> int:
     return 2 * x_shape[0] * x_shape[1] * weight_t_shape[1]  # the matmul's, as FlopCounterMode counts mm
+
+
+@register_flop_formula(th.ops.sb3_tdmpc_cpu.first_layer_norm_tanh_)
+def _first_layer_norm_tanh_flop(
+    h_shape: list[int], bias_shape: list[int], x_shape: list[int], *args: Any, **kwargs: Any
+) -> int:
+    return 2 * x_shape[0] * x_shape[1] * h_shape[1]  # the rank-K update's, as FlopCounterMode counts addmm
 
 
 @register_flop_formula(th.ops.sb3_tdmpc_cpu.rollout_return)
@@ -261,6 +272,22 @@ def layer_norm_tanh_(x: th.Tensor, weight: th.Tensor, bias: th.Tensor, eps: floa
     """:func:`layer_norm_tanh` in place (``x``'s rows contiguous), without the statistics."""
     th.ops.sb3_tdmpc_cpu.layer_norm_tanh_(x, weight, bias, eps)
     return x
+
+
+def first_layer_norm_tanh_(
+    h: th.Tensor,
+    bias: th.Tensor,
+    x: th.Tensor,
+    x_weight: th.Tensor,
+    weight: th.Tensor,
+    norm_bias: th.Tensor,
+    eps: float = 1e-5,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    ``h += bias + x @ x_weight`` in place (``h [N, C]`` with contiguous rows, ``x [N, K]`` a few
+    columns), then :func:`layer_norm_tanh` of ``h`` with its statistics, in one pass per row.
+    """
+    return th.ops.sb3_tdmpc_cpu.first_layer_norm_tanh_(h, bias, x, x_weight, weight, norm_bias, eps)
 
 
 def layer_norm_tanh_backward(

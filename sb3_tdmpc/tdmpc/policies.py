@@ -323,7 +323,8 @@ class _FrozenQMember(th.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any,
-        z_part: th.Tensor,
+        z_product: th.Tensor,
+        b1: th.Tensor,
         action: th.Tensor,
         w_a: th.Tensor,
         norm_weight: th.Tensor,
@@ -333,8 +334,7 @@ class _FrozenQMember(th.autograd.Function):
         w3: th.Tensor,
         b3: th.Tensor,
     ) -> th.Tensor:
-        h1 = add_narrow_matmul(z_part, action, w_a)
-        t, mean, rstd = layer_norm_tanh_with_statistics(h1, norm_weight, norm_bias)
+        h1, t, mean, rstd = first_layer_norm_tanh(z_product, b1, action, w_a, norm_weight, norm_bias)
         e2 = affine_elu(t, w2, b2)
         ctx.save_for_backward(h1, mean, rstd, t, e2, w_a, norm_weight, w2, w3)
         return affine(e2, w3, b3)
@@ -342,7 +342,7 @@ class _FrozenQMember(th.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_q: th.Tensor) -> tuple[th.Tensor | None, ...]:
         backward = _frozen_q_member_backward_op if th.compiler.is_compiling() else frozen_q_member_backward
-        return None, backward(grad_q, *ctx.saved_tensors), *([None] * 7)
+        return None, None, backward(grad_q, *ctx.saved_tensors), *([None] * 7)
 
 
 def reached_rows(grad: th.Tensor) -> th.Tensor:
@@ -504,14 +504,26 @@ def layer_norm_tanh(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tens
     return tanh_(F.layer_norm(h, h.shape[-1:], weight, bias, _LAYER_NORM_EPS))
 
 
-def layer_norm_tanh_with_statistics(
-    h: th.Tensor, weight: th.Tensor, bias: th.Tensor
-) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
-    """:func:`layer_norm_tanh` without autograd, with the mean and rstd that its backward reads."""
-    if cpu_kernels_apply(h):
-        return cpu_kernels.layer_norm_tanh(h, weight, bias, _LAYER_NORM_EPS)
-    y, mean, rstd = th.native_layer_norm(h, [h.shape[-1]], weight, bias, _LAYER_NORM_EPS)
-    return tanh_(y), mean, rstd
+def first_layer_norm_tanh(
+    z_product: th.Tensor,
+    bias: th.Tensor,
+    action: th.Tensor,
+    w_a: th.Tensor,
+    norm_weight: th.Tensor,
+    norm_bias: th.Tensor,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor, th.Tensor]:
+    """
+    Q's first layer ``h = z W_z + b + a W_a`` from ``z_product = z W_z`` (a fresh intermediate, which
+    it may overwrite), then ``tanh(LayerNorm(h))``, without autograd: ``h``, the output and the mean
+    and rstd that its backward reads. On CPU (eager), one fused pass per row.
+    """
+    if cpu_kernels_apply(z_product) and z_product.stride(-1) == 1:
+        return z_product, *cpu_kernels.first_layer_norm_tanh_(
+            z_product, bias, action, w_a, norm_weight, norm_bias, _LAYER_NORM_EPS
+        )
+    h = add_narrow_matmul(add_bias(z_product, bias), action, w_a)
+    y, mean, rstd = th.native_layer_norm(h, [h.shape[-1]], norm_weight, norm_bias, _LAYER_NORM_EPS)
+    return h, tanh_(y), mean, rstd
 
 
 def is_elu_mlp(net: nn.Module) -> bool:
@@ -649,14 +661,13 @@ class QEnsemble(nn.Module):
         values = []
         for q in range(self.num_q):
             if split:
-                z_part, w_a = affine(z, w1[q, :latent_dim], b1[q, 0]), w1[q, latent_dim:]
+                w_z, w_a = w1[q, :latent_dim], w1[q, latent_dim:]
                 if frozen:
                     norm = self.norm_weight[q, 0], self.norm_bias[q, 0]
-                    values.append(
-                        _FrozenQMember.apply(z_part, action, w_a, *norm, w2[q], b2[q, 0], w3[q], b3[q, 0])
-                    )
+                    first = matmul(z, w_z), b1[q, 0], action, w_a, *norm
+                    values.append(_FrozenQMember.apply(*first, w2[q], b2[q, 0], w3[q], b3[q, 0]))
                     continue
-                h = add_narrow_matmul(z_part, action, w_a)
+                h = add_narrow_matmul(affine(z, w_z, b1[q, 0]), action, w_a)
             else:
                 h = affine(x, w1[q], b1[q, 0])
             h = layer_norm_tanh(h, self.norm_weight[q, 0], self.norm_bias[q, 0])

@@ -61,6 +61,40 @@ void layer_norm_tanh_(at::Tensor& x, const at::Tensor& weight, const at::Tensor&
   apply(x, weight, bias, eps, x, nullptr, nullptr);
 }
 
+// Q's first layer and activation where z W_z comes from one GEMM (the policy prior's step): h += bias +
+// x @ x_weight (x [N, K], the action: a rank-K update) in place, then tanh(LayerNorm(h)) and its
+// statistics, one pass per row while it is in L1 instead of addmm's copies of the bias and of h, a
+// K = 4 GEMM and the LayerNorm-tanh pass.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> first_layer_norm_tanh_(at::Tensor& h, const at::Tensor& bias, const at::Tensor& x,
+                                                                     const at::Tensor& x_weight, const at::Tensor& weight,
+                                                                     const at::Tensor& norm_bias, double eps) {
+  check(h, weight, norm_bias);
+  TORCH_CHECK(h.stride(1) == 1, "first_layer_norm_tanh_: rows of h must be contiguous");
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == h.size(1) && x.dim() == 2 && x.size(0) == h.size(0) &&
+                  x_weight.dim() == 2 && x_weight.size(0) == x.size(1) && x_weight.size(1) == h.size(1),
+              "first_layer_norm_tanh_: bias [C], x [N, K], x_weight [K, C]");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && x_weight.scalar_type() == at::kFloat,
+              "first_layer_norm_tanh_: float32 tensors");
+  const auto bias_c = bias.contiguous(), x_c = x.contiguous(), x_weight_c = x_weight.contiguous();
+  const auto weight_c = weight.contiguous(), norm_bias_c = norm_bias.contiguous();
+  const int64_t rows = h.size(0), width = h.size(1), num_x = x.size(1), stride = h.stride(0);
+  auto out = at::empty({rows, width}, h.options());
+  auto mean = at::empty({rows, 1}, h.options()), rstd = at::empty({rows, 1}, h.options());
+  float* data = h.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  float *mean_data = mean.data_ptr<float>(), *rstd_data = rstd.data_ptr<float>();
+  const float *b = bias_c.const_data_ptr<float>(), *xs = x_c.const_data_ptr<float>(), *xw = x_weight_c.const_data_ptr<float>();
+  const float *w = weight_c.const_data_ptr<float>(), *nb = norm_bias_c.const_data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      float* h_row = data + row * stride;
+      sb3_tdmpc::add_bias_rank_k(h_row, b, width, xs + row * num_x, xw, num_x);
+      layer_norm_tanh_row(h_row, w, nb, out_data + row * width, width, static_cast<float>(eps), mean_data + row, rstd_data + row);
+    }
+  });
+  return {out, mean, rstd};
+}
+
 // The gradients of out = tanh(y weight + bias), y = (h - mean) rstd, from the gradient of out:
 // g_u = grad (1 - out^2), g_y = g_u weight, grad_h = rstd (g_y - mean(g_y) - y mean(g_y y)) (ATen's
 // native_layer_norm_backward), grad_weight = sum over rows of g_u y, grad_bias = sum of g_u. Two
@@ -101,4 +135,5 @@ TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("layer_norm_tanh", &layer_norm_tanh);
   m.impl("layer_norm_tanh_", &layer_norm_tanh_);
   m.impl("layer_norm_tanh_backward", &layer_norm_tanh_backward);
+  m.impl("first_layer_norm_tanh_", &first_layer_norm_tanh_);
 }

@@ -75,6 +75,24 @@ inline void add_bias_elu(float* __restrict row, const float* __restrict bias, in
   }
 }
 
+// row += bias + sum_k x[k] w[k] (w [num_x, n]: a first layer's rows for a few inputs, the actions).
+inline void add_bias_rank_k(float* __restrict row, const float* __restrict bias, int64_t n, const float* __restrict x,
+                            const float* __restrict w, int64_t num_x) {
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
+    for (int64_t k = 0; k < num_x; ++k) v = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), _mm256_loadu_ps(w + k * n + j), v);
+    _mm256_storeu_ps(row + j, v);
+  }
+#endif
+  for (; j < n; ++j) {
+    float v = row[j] + bias[j];
+    for (int64_t k = 0; k < num_x; ++k) v += x[k] * w[k * n + j];
+    row[j] = v;
+  }
+}
+
 // tanh(x) = x P(x^2) / Q(x^2) for x clamped to [-c, c]; coefficients in ascending powers.
 constexpr float kTanhClamp = 7.90531110763549805f;
 constexpr float kTanhP[7] = {4.89352455891786e-03f,  6.37261928875436e-04f, 1.48572235717979e-05f, 5.12229709037114e-08f,
