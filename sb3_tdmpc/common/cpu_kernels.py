@@ -123,12 +123,14 @@ def _build() -> bool:
         return False
     from torch.utils import cpp_extension
 
-    # x86 with AVX2: the ELU's vectorised path (the source falls back to scalar code elsewhere).
-    vector = th.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    flags = ["-O3", "-fopenmp", *(["-mavx2", "-mfma"] if vector else [])]
+    # x86 with AVX2 (and AVX-512): the row operations' vectorised paths (elsewhere, scalar code).
+    capability = th.backends.cpu.get_cpu_capability()
+    flags = ["-O3", "-fopenmp"]
+    flags += ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    flags += ["-mavx512f"] if capability == "AVX512" else []
     # One build per torch version (the extension's ABI) and instruction set.
     name = f"sb3_tdmpc_cpu_kernels_torch{th.__version__.replace('.', '_').replace('+', '_')}"
-    name += "_avx2" if vector else ""
+    name += {"AVX2": "_avx2", "AVX512": "_avx512"}.get(capability, "")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build_directory = Path(root) / "sb3_tdmpc" / name
     try:
