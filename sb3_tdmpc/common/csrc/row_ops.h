@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -36,40 +37,92 @@ inline float exp_nonpositive(float x) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(kP0);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP1));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
-  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
-}
+// One vector width's operations, so that each vectorised row operation below is written once for
+// AVX2 (8 floats) and AVX-512 (16).
+struct Avx2 {
+  using V = __m256;
+  static constexpr int64_t kWidth = 8;
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }  // b where either is NaN
+  static V max(V a, V b) { return _mm256_max_ps(a, b); }  // b where either is NaN
+  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+  static V round(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  // 2^n for whole numbers n within the float exponent's range, by writing the exponent bits.
+  static V pow2(V n) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+  }
+};
 #endif
 
 #if defined(__AVX512F__)
-inline __m512 exp_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(kP0);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP1));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
-}
+struct Avx512 {
+  using V = __m512;
+  static constexpr int64_t kWidth = 16;
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+  static V round(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static V pow2(V n) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+  }
+};
 #endif
+
+template <typename S>
+typename S::V exp_nonpositive(typename S::V x) {
+  x = S::max(x, S::set1(-87.f));
+  const auto n = S::round(S::mul(x, S::set1(kLog2e)));
+  auto r = S::fnmadd(n, S::set1(kLn2Hi), x);
+  r = S::fnmadd(n, S::set1(kLn2Lo), r);
+  auto p = S::set1(kP0);
+  for (const float c : {kP1, kP2, kP3, kP4, kP5}) p = S::fmadd(p, r, S::set1(c));
+  p = S::fmadd(S::mul(p, r), r, S::add(r, S::set1(1.f)));
+  return S::mul(p, S::pow2(n));
+}
+
+// bias + row + sum_k x[k] w[k] at column j, w [num_x, n].
+template <typename S>
+typename S::V bias_rank_k(const float* row, const float* bias, int64_t n, const float* x, const float* w, int64_t num_x,
+                          int64_t j) {
+  auto v = S::add(S::load(row + j), S::load(bias + j));
+  for (int64_t k = 0; k < num_x; ++k) v = S::fmadd(S::set1(x[k]), S::load(w + k * n + j), v);
+  return v;
+}
+
+// add_bias_elu (below) on the whole vectors of row from column j on; the next column left.
+template <typename S>
+int64_t add_bias_elu_vectors(float* row, const float* bias, int64_t n, const float* x, const float* w, int64_t num_x,
+                             int64_t j) {
+  for (; j + S::kWidth <= n; j += S::kWidth) {
+    const auto v = bias_rank_k<S>(row, bias, n, x, w, num_x, j);
+    const auto e = S::sub(exp_nonpositive<S>(S::min(v, S::set1(0.f))), S::set1(1.f));
+    S::store(row + j, S::max(e, v));
+  }
+  return j;
+}
+
+// add_bias_rank_k (below) on the whole vectors of row from column j on; the next column left.
+template <typename S>
+int64_t add_bias_rank_k_vectors(float* row, const float* bias, int64_t n, const float* x, const float* w, int64_t num_x,
+                                int64_t j) {
+  for (; j + S::kWidth <= n; j += S::kWidth) S::store(row + j, bias_rank_k<S>(row, bias, n, x, w, num_x, j));
+  return j;
+}
 
 // row = ELU(row + bias + sum_k x[k] w[k]) = max(v, exp(min(v, 0)) - 1), in place, where w is
 // [num_x, n] (a first layer's rows for a few inputs, the actions: a rank-num_x update in the same
@@ -78,21 +131,10 @@ inline void add_bias_elu(float* __restrict row, const float* __restrict bias, in
                          const float* __restrict w = nullptr, int64_t num_x = 0) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  for (; j + 16 <= n; j += 16) {
-    __m512 v = _mm512_add_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(bias + j));
-    for (int64_t k = 0; k < num_x; ++k) v = _mm512_fmadd_ps(_mm512_set1_ps(x[k]), _mm512_loadu_ps(w + k * n + j), v);
-    const __m512 e = _mm512_sub_ps(exp_nonpositive(_mm512_min_ps(v, _mm512_setzero_ps())), _mm512_set1_ps(1.f));
-    _mm512_storeu_ps(row + j, _mm512_max_ps(e, v));
-  }
+  j = add_bias_elu_vectors<Avx512>(row, bias, n, x, w, num_x, j);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.f);
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
-    for (int64_t k = 0; k < num_x; ++k) v = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), _mm256_loadu_ps(w + k * n + j), v);
-    const __m256 e = _mm256_sub_ps(exp_nonpositive(_mm256_min_ps(v, zero)), one);
-    _mm256_storeu_ps(row + j, _mm256_max_ps(e, v));
-  }
+  j = add_bias_elu_vectors<Avx2>(row, bias, n, x, w, num_x, j);
 #endif
   for (; j < n; ++j) {
     float v = row[j] + bias[j];
@@ -106,12 +148,11 @@ inline void add_bias_elu(float* __restrict row, const float* __restrict bias, in
 inline void add_bias_rank_k(float* __restrict row, const float* __restrict bias, int64_t n, const float* __restrict x,
                             const float* __restrict w, int64_t num_x) {
   int64_t j = 0;
+#if defined(__AVX512F__)
+  j = add_bias_rank_k_vectors<Avx512>(row, bias, n, x, w, num_x, j);
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_add_ps(_mm256_loadu_ps(row + j), _mm256_loadu_ps(bias + j));
-    for (int64_t k = 0; k < num_x; ++k) v = _mm256_fmadd_ps(_mm256_set1_ps(x[k]), _mm256_loadu_ps(w + k * n + j), v);
-    _mm256_storeu_ps(row + j, v);
-  }
+  j = add_bias_rank_k_vectors<Avx2>(row, bias, n, x, w, num_x, j);
 #endif
   for (; j < n; ++j) {
     float v = row[j] + bias[j];
@@ -136,30 +177,31 @@ inline float rational_tanh(float x) {
   return x * p / q;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-inline __m256 rational_tanh(__m256 x) {
+template <typename S>
+typename S::V rational_tanh(typename S::V x) {
   // max/min return their second operand when one is NaN: the constant first keeps a NaN
-  x = _mm256_min_ps(_mm256_set1_ps(kTanhClamp), _mm256_max_ps(_mm256_set1_ps(-kTanhClamp), x));
-  const __m256 x2 = _mm256_mul_ps(x, x);
-  __m256 p = _mm256_set1_ps(kTanhP[6]);
-  for (int i = 5; i >= 0; --i) p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(kTanhP[i]));
-  __m256 q = _mm256_set1_ps(kTanhQ[3]);
-  for (int i = 2; i >= 0; --i) q = _mm256_fmadd_ps(q, x2, _mm256_set1_ps(kTanhQ[i]));
-  return _mm256_div_ps(_mm256_mul_ps(x, p), q);
+  x = S::min(S::set1(kTanhClamp), S::max(S::set1(-kTanhClamp), x));
+  const auto x2 = S::mul(x, x);
+  auto p = S::set1(kTanhP[6]);
+  for (int i = 5; i >= 0; --i) p = S::fmadd(p, x2, S::set1(kTanhP[i]));
+  auto q = S::set1(kTanhQ[3]);
+  for (int i = 2; i >= 0; --i) q = S::fmadd(q, x2, S::set1(kTanhQ[i]));
+  return S::div(S::mul(x, p), q);
 }
 
-#if defined(__AVX512F__)
-inline __m512 rational_tanh(__m512 x) {
-  x = _mm512_min_ps(_mm512_set1_ps(kTanhClamp), _mm512_max_ps(_mm512_set1_ps(-kTanhClamp), x));
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_set1_ps(kTanhP[6]);
-  for (int i = 5; i >= 0; --i) p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(kTanhP[i]));
-  __m512 q = _mm512_set1_ps(kTanhQ[3]);
-  for (int i = 2; i >= 0; --i) q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(kTanhQ[i]));
-  return _mm512_div_ps(_mm512_mul_ps(x, p), q);
+// out = tanh((x rstd + shift) weight + bias) on the whole vectors from column j on; the next column left.
+template <typename S>
+int64_t tanh_affine_vectors(const float* x, float rstd, float shift, const float* weight, const float* bias, float* out,
+                            int64_t n, int64_t j) {
+  const auto rstd_v = S::set1(rstd), shift_v = S::set1(shift);
+  for (; j + S::kWidth <= n; j += S::kWidth) {
+    const auto normalized = S::fmadd(S::load(x + j), rstd_v, shift_v);
+    S::store(out + j, rational_tanh<S>(S::fmadd(normalized, S::load(weight + j), S::load(bias + j))));
+  }
+  return j;
 }
-#endif
 
+#if defined(__AVX2__) && defined(__FMA__)
 inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -204,20 +246,10 @@ inline void layer_norm_tanh_row(const float* x, const float* __restrict weight, 
 
   j = 0;
 #if defined(__AVX512F__)
-  const __m512 rstd16 = _mm512_set1_ps(rstd), shift16 = _mm512_set1_ps(shift);
-  for (; j + 16 <= n; j += 16) {
-    const __m512 normalized = _mm512_fmadd_ps(_mm512_loadu_ps(x + j), rstd16, shift16);
-    const __m512 y = _mm512_fmadd_ps(normalized, _mm512_loadu_ps(weight + j), _mm512_loadu_ps(bias + j));
-    _mm512_storeu_ps(out + j, rational_tanh(y));
-  }
+  j = tanh_affine_vectors<Avx512>(x, rstd, shift, weight, bias, out, n, j);
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
-  const __m256 rstd_v = _mm256_set1_ps(rstd), shift_v = _mm256_set1_ps(shift);
-  for (; j + 8 <= n; j += 8) {
-    const __m256 normalized = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), rstd_v, shift_v);
-    const __m256 y = _mm256_fmadd_ps(normalized, _mm256_loadu_ps(weight + j), _mm256_loadu_ps(bias + j));
-    _mm256_storeu_ps(out + j, rational_tanh(y));
-  }
+  j = tanh_affine_vectors<Avx2>(x, rstd, shift, weight, bias, out, n, j);
 #endif
   for (; j < n; ++j) out[j] = rational_tanh((x[j] * rstd + shift) * weight[j] + bias[j]);
   if (mean_out != nullptr) {
