@@ -10,6 +10,9 @@ The ``reference_*`` functions are also what ``benchmarks/speed.py`` counts the F
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -679,6 +682,30 @@ def test_cpu_kernels_fall_back_to_pytorch_ops_with_a_warning(monkeypatch):
     h, weight = th.randn(5, 4), th.randn(4)
     expected = th.tanh(F.layer_norm(h, (4,), weight, bias[:1].expand(4)))
     assert close(policies.layer_norm_tanh(h.clone(), weight, bias[:1].expand(4)), expected)
+
+
+# The kernel tests above, by name: what a build for another instruction set must pass too.
+KERNEL_TESTS = "fused or networks_match or gradients_match or planner or min_q or chain_kernels or frozen_q"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_kernels_built_for_a_narrower_instruction_set_match_too(capability):
+    """
+    The kernels' AVX2 and scalar code paths, which a machine with AVX-512 (or AVX2) does not run:
+    the kernel tests above in a process where torch reports the narrower capability, so that the
+    kernels are built for it (``ATEN_CPU_CAPABILITY``).
+    """
+    machine = th.backends.cpu.get_cpu_capability().lower()
+    if machine == capability or (capability == "avx2" and machine != "avx512"):
+        pytest.skip(f"this machine's own build ({machine}) is the one the tests above check")
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", KERNEL_TESTS]
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0 and "skipped" not in summary, result.stdout[-4000:]
 
 
 @pytest.mark.slow
