@@ -323,6 +323,17 @@ ATEN_BACKWARD_PASSES = {
     "layer_norm_tanh_backward": _layer_norm_tanh_backward_by_aten,
 }
 
+
+def _first_layer_norm_tanh_by_addmm(*args: th.Tensor) -> Any:
+    z_product, bias, action, w_a, norm_weight, norm_bias = args
+    h = th.addmm(z_product + bias, action, w_a)
+    return h, *cpu_kernels.layer_norm_tanh(h, norm_weight, norm_bias, policies._LAYER_NORM_EPS)
+
+
+# Q's first layer in the policy step as before 2990629: the bias added, the action's part by a K = 4
+# addmm (which copies its input first), then the LayerNorm-tanh kernel; not one pass per row.
+FIRST_LAYER_BY_ADDMM = {"first_layer_norm_tanh": _first_layer_norm_tanh_by_addmm}
+
 # The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
 UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
@@ -340,6 +351,7 @@ COMPILE_SETTINGS = [
     ("eager, Q's LayerNorm-tanh by PyTorch ops", False, None, NO_LAYER_NORM_TANH_KERNEL),
     ("eager, input gradients by one matmul (no row blocks)", False, None, UNBLOCKED_INPUT_GRADIENTS),
     ("eager, ELU and LayerNorm-tanh backward passes by ATen", False, None, ATEN_BACKWARD_PASSES),
+    ("eager, Q's first layer in the policy step by addmm", False, None, FIRST_LAYER_BY_ADDMM),
     ("eager, chains layer by layer (no per-thread chains)", False, None, CHAINS_LAYER_BY_LAYER),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
