@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "row_blocks.h"
 #include "row_ops.h"
 
 namespace {
@@ -110,21 +111,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_tanh_backward(const at
     TORCH_CHECK(t->scalar_type() == at::kFloat, "layer_norm_tanh_backward: float32 tensors");
   const auto g_c = grad.contiguous(), h_c = h.contiguous(), mean_c = mean.contiguous(), rstd_c = rstd.contiguous(),
              out_c = out.contiguous(), weight_c = weight.contiguous();
-  const int64_t rows = h.size(0), width = h.size(1), threads = at::get_num_threads();
+  const int64_t rows = h.size(0), width = h.size(1);
   auto grad_h = at::empty({rows, width}, h.options());
-  // Each thread's sums [threads, 2, C]: the weight's, then the bias's.
-  auto partial = at::zeros({threads, 2, width}, h.options());
   const float *g = g_c.const_data_ptr<float>(), *x = h_c.const_data_ptr<float>(), *o = out_c.const_data_ptr<float>();
   const float *m = mean_c.const_data_ptr<float>(), *r = rstd_c.const_data_ptr<float>(), *w = weight_c.const_data_ptr<float>();
   float* dh = grad_h.data_ptr<float>();
-  float* sums = partial.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
-    float* weight_sum = sums + at::get_thread_num() * 2 * width;
+  // The weight's and the bias's gradients: [2, C].
+  auto param_grads = sb3_tdmpc::per_thread_column_sums(rows, 2, width, h.options(), [&](int64_t first, int64_t last, float* sums) {
     for (int64_t row = first; row < last; ++row)
       sb3_tdmpc::layer_norm_tanh_backward_row(g + row * width, x + row * width, o + row * width, w, m[row], r[row],
-                                              dh + row * width, weight_sum, weight_sum + width, width);
+                                              dh + row * width, sums, sums + width, width);
   });
-  auto param_grads = partial.sum(0);
   return {grad_h, param_grads[0], param_grads[1]};
 }
 

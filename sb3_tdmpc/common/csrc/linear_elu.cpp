@@ -92,16 +92,13 @@ std::tuple<at::Tensor, at::Tensor> elu_backward_bias_grad(const at::Tensor& grad
   const auto grad_c = grad.contiguous(), out_c = out.contiguous();
   const int64_t rows = grad.size(0), width = grad.size(1);
   auto grad_input = at::empty({rows, width}, grad.options());
-  auto partial = at::zeros({at::get_num_threads(), width}, grad.options());  // each thread's column sums
   const float *g = grad_c.const_data_ptr<float>(), *o = out_c.const_data_ptr<float>();
   float* gi = grad_input.data_ptr<float>();
-  float* sums = partial.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) {
-    float* column_sum = sums + at::get_thread_num() * width;
+  auto column_sums = sb3_tdmpc::per_thread_column_sums(rows, 1, width, grad.options(), [&](int64_t first, int64_t last, float* sum) {
     for (int64_t row = first; row < last; ++row)
-      sb3_tdmpc::elu_backward_row(g + row * width, o + row * width, gi + row * width, column_sum, width);
+      sb3_tdmpc::elu_backward_row(g + row * width, o + row * width, gi + row * width, sum, width);
   });
-  return {grad_input, partial.sum(0)};
+  return {grad_input, column_sums[0]};
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Each thread's own blocks of rows, shared by the fused CPU kernels that split work by rows.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 
@@ -24,6 +25,17 @@ void for_each_row_block(int64_t rows, int64_t max_block_rows, const Fn& fn) {
       if (n > 0) fn(start, n);
     }
   });
+}
+
+// Column sums over all rows, [count, width] (e.g. a bias's gradient): fn(first, last, sums) adds rows
+// [first, last) into its thread's own zeroed [count, width] block; the blocks are summed at the end.
+template <typename Fn>
+at::Tensor per_thread_column_sums(int64_t rows, int64_t count, int64_t width, const at::TensorOptions& options,
+                                  const Fn& fn) {
+  auto partial = at::zeros({at::get_num_threads(), count, width}, options);
+  float* sums = partial.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t first, int64_t last) { fn(first, last, sums + at::get_thread_num() * count * width); });
+  return partial.sum(0);
 }
 
 }  // namespace sb3_tdmpc
