@@ -298,7 +298,10 @@ NO_LAYER_NORM_TANH_KERNEL = {
     "first_layer_norm_tanh": _first_layer_norm_tanh_by_pytorch_ops,
 }
 
-_LAYER_NORM_TANH_BACKWARD = policies.layer_norm_tanh_backward
+_LAYER_NORM_TANH_BACKWARD, _ELU_BACKWARD_BIAS_GRAD = (
+    policies.layer_norm_tanh_backward,
+    policies.elu_backward_bias_grad,
+)
 
 
 def _layer_norm_tanh_backward_by_aten(*args: Any) -> Any:
@@ -306,20 +309,14 @@ def _layer_norm_tanh_backward_by_aten(*args: Any) -> Any:
         return _LAYER_NORM_TANH_BACKWARD(*args)
 
 
-class _AffineELUWithATenBackward(policies._AffineELU):
-    """``policies._AffineELU`` with ATen's ELU backward, then the bias gradient as a sum over the rows."""
-
-    @staticmethod
-    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
-        x, weight_t, out = ctx.saved_tensors
-        grad = policies._elu_backward(grad, out)
-        grad_x, grad_weight = policies._matmul_backward(ctx.needs_input_grad, grad, x, weight_t)
-        return grad_x, grad_weight, grad.sum(0) if ctx.needs_input_grad[2] else None
+def _elu_backward_bias_grad_by_aten(*args: th.Tensor) -> Any:
+    with patched(NO_CPU_KERNELS):
+        return _ELU_BACKWARD_BIAS_GRAD(*args)
 
 
 # The backward's ELU (with the bias gradient) and Q's LayerNorm-tanh by ATen's kernels, not the fused ones.
 ATEN_BACKWARD_PASSES = {
-    "_AffineELU": _AffineELUWithATenBackward,
+    "elu_backward_bias_grad": _elu_backward_bias_grad_by_aten,
     "layer_norm_tanh_backward": _layer_norm_tanh_backward_by_aten,
 }
 

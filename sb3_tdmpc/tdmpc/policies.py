@@ -76,6 +76,17 @@ def _elu_backward(grad: th.Tensor, out: th.Tensor) -> th.Tensor:
     return th.ops.aten.elu_backward(grad, 1.0, 1, 1.0, True, out)
 
 
+def elu_backward_bias_grad(grad: th.Tensor, out: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
+    """
+    The gradient through ELU from its output ``out [N, M]`` and its sum over the rows (the bias
+    gradient of the layer before): on CPU (eager), the fused kernel's one pass; elsewhere ATen's.
+    """
+    if cpu_kernels_apply(out):
+        return cpu_kernels.elu_backward_bias_grad(grad, out)
+    grad = _elu_backward(grad, out)
+    return grad, grad.sum(0)
+
+
 class _Tanh(th.autograd.Function):
     """tanh whose backward reads its output (ATen's): eager, in place; while compiling, rational."""
 
@@ -306,7 +317,7 @@ class _AffineELU(th.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, ...]:
         x, weight_t, out = ctx.saved_tensors
-        grad, grad_bias = cpu_kernels.elu_backward_bias_grad(grad, out)
+        grad, grad_bias = elu_backward_bias_grad(grad, out)
         grad_x, grad_weight = _matmul_backward(ctx.needs_input_grad, grad, x, weight_t)
         return grad_x, grad_weight, grad_bias if ctx.needs_input_grad[2] else None
 
@@ -517,7 +528,7 @@ def first_layer_norm_tanh(
     it may overwrite), then ``tanh(LayerNorm(h))``, without autograd: ``h``, the output and the mean
     and rstd that its backward reads. On CPU (eager), one fused pass per row.
     """
-    if cpu_kernels_apply(z_product) and z_product.stride(-1) == 1:
+    if cpu_kernels_apply(z_product):
         return z_product, *cpu_kernels.first_layer_norm_tanh_(
             z_product, bias, action, w_a, norm_weight, norm_bias, _LAYER_NORM_EPS
         )
