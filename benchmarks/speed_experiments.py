@@ -279,45 +279,26 @@ SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
 # Every Linear-ELU layer and Q's LayerNorm-tanh as PyTorch ops, not the fused CPU kernels.
 NO_CPU_KERNELS = {"cpu_kernels_apply": _never}
 
-_LAYER_NORM_TANH, _FIRST_LAYER_NORM_TANH = policies.layer_norm_tanh, policies.first_layer_norm_tanh
 
+def _without_cpu_kernels(name: str) -> Callable[..., Any]:
+    """``policies.<name>`` (as imported) run with the fused CPU kernels off: its PyTorch/ATen path."""
+    original = getattr(policies, name)
 
-def _layer_norm_tanh_by_pytorch_ops(h: th.Tensor, weight: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    with patched(NO_CPU_KERNELS):
-        return _LAYER_NORM_TANH(h, weight, bias)
+    def call(*args: Any) -> Any:
+        with patched(NO_CPU_KERNELS):
+            return original(*args)
 
-
-def _first_layer_norm_tanh_by_pytorch_ops(*args: th.Tensor) -> Any:
-    with patched(NO_CPU_KERNELS):
-        return _FIRST_LAYER_NORM_TANH(*args)
+    return call
 
 
 # Q's LayerNorm-tanh as PyTorch ops (ATen's layer_norm, then 2 sigmoid(2x) - 1), the Linear-ELU kernel kept.
 NO_LAYER_NORM_TANH_KERNEL = {
-    "layer_norm_tanh": _layer_norm_tanh_by_pytorch_ops,
-    "first_layer_norm_tanh": _first_layer_norm_tanh_by_pytorch_ops,
+    name: _without_cpu_kernels(name) for name in ("layer_norm_tanh", "first_layer_norm_tanh")
 }
-
-_LAYER_NORM_TANH_BACKWARD, _ELU_BACKWARD_BIAS_GRAD = (
-    policies.layer_norm_tanh_backward,
-    policies.elu_backward_bias_grad,
-)
-
-
-def _layer_norm_tanh_backward_by_aten(*args: Any) -> Any:
-    with patched(NO_CPU_KERNELS):
-        return _LAYER_NORM_TANH_BACKWARD(*args)
-
-
-def _elu_backward_bias_grad_by_aten(*args: th.Tensor) -> Any:
-    with patched(NO_CPU_KERNELS):
-        return _ELU_BACKWARD_BIAS_GRAD(*args)
-
 
 # The backward's ELU (with the bias gradient) and Q's LayerNorm-tanh by ATen's kernels, not the fused ones.
 ATEN_BACKWARD_PASSES = {
-    "elu_backward_bias_grad": _elu_backward_bias_grad_by_aten,
-    "layer_norm_tanh_backward": _layer_norm_tanh_backward_by_aten,
+    name: _without_cpu_kernels(name) for name in ("elu_backward_bias_grad", "layer_norm_tanh_backward")
 }
 
 
