@@ -23,7 +23,8 @@ rerun them.
    as fused terms, weight gradients in the weight's own layout, a one-output layer's weight gradient
    as a matmul), and, eager and compiled, the policy prior step's Q backward over only the rows that
    min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function instead of Inductor's sigmoid;
-   eager, every Linear-ELU layer as PyTorch ops instead of the fused CPU kernel (``cpu_kernels``).
+   eager, the fused CPU kernels (``cpu_kernels``) switched back to PyTorch ops, all or one at a time,
+   the chains layer by layer and the planner's policy prior trajectories step by step.
 
 4. ``matmuls`` (``--gemm-rounds``): the floor's matmul on operands in cache (as the floor is
    measured) and on operands read from memory; and every matmul of the compiled plan and update
@@ -280,12 +281,12 @@ SIGMOID_TANH = {"_rational_tanh": _sigmoid_tanh}
 NO_CPU_KERNELS = {"cpu_kernels_apply": _never}
 
 
-def _without_cpu_kernels(name: str) -> Callable[..., Any]:
-    """``policies.<name>`` (as imported) run with the fused CPU kernels off: its PyTorch/ATen path."""
+def _patched_call(name: str, patches: dict[str, Any]) -> Callable[..., Any]:
+    """``policies.<name>`` (as imported) run with ``patches`` (e.g. the fused CPU kernels off)."""
     original = getattr(policies, name)
 
     def call(*args: Any) -> Any:
-        with patched(NO_CPU_KERNELS):
+        with patched(patches):
             return original(*args)
 
     return call
@@ -293,12 +294,13 @@ def _without_cpu_kernels(name: str) -> Callable[..., Any]:
 
 # Q's LayerNorm-tanh as PyTorch ops (ATen's layer_norm, then 2 sigmoid(2x) - 1), the Linear-ELU kernel kept.
 NO_LAYER_NORM_TANH_KERNEL = {
-    name: _without_cpu_kernels(name) for name in ("layer_norm_tanh", "first_layer_norm_tanh")
+    name: _patched_call(name, NO_CPU_KERNELS) for name in ("layer_norm_tanh", "first_layer_norm_tanh")
 }
 
 # The backward's ELU (with the bias gradient) and Q's LayerNorm-tanh by ATen's kernels, not the fused ones.
 ATEN_BACKWARD_PASSES = {
-    name: _without_cpu_kernels(name) for name in ("elu_backward_bias_grad", "layer_norm_tanh_backward")
+    name: _patched_call(name, NO_CPU_KERNELS)
+    for name in ("elu_backward_bias_grad", "layer_norm_tanh_backward")
 }
 
 
@@ -319,6 +321,10 @@ UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 # over both threads, not each thread through the whole chain (``rollout_return``, ``min_q_of_policy``).
 CHAINS_LAYER_BY_LAYER = {"chain_kernels_apply": _never}
 
+# The planner's policy prior trajectories step by step (pi, then d and R, each layer's kernels over both
+# threads; before the policy_rollout kernel), the other chains kept.
+POLICY_TRAJECTORIES_STEP_BY_STEP = {"policy_rollout": _patched_call("policy_rollout", CHAINS_LAYER_BY_LAYER)}
+
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
@@ -331,6 +337,7 @@ COMPILE_SETTINGS = [
     ("eager, ELU and LayerNorm-tanh backward passes by ATen", False, None, ATEN_BACKWARD_PASSES),
     ("eager, Q's first layer in the policy step by addmm", False, None, FIRST_LAYER_BY_ADDMM),
     ("eager, chains layer by layer (no per-thread chains)", False, None, CHAINS_LAYER_BY_LAYER),
+    ("eager, policy trajectories step by step", False, None, POLICY_TRAJECTORIES_STEP_BY_STEP),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),

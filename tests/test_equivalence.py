@@ -452,22 +452,57 @@ def test_min_q_of_policy_matches_the_plain_modules(batch_shape, std, cpu_kernel_
         assert kernel_flops(lambda: policies.min_q_of_policy(model, target_q, z, std), None)[0] == total
 
 
+# 2 x 9 rows: one block per thread; 3 x 250: several. std 0: no noise. mlp_dim 37: vectorised parts and tails.
+@pytest.mark.parametrize("num_envs, num_seq, std", [(2, 9, 0.0), (2, 9, 0.3), (3, 250, 0.3)])
+def test_policy_trajectories_match_a_per_step_loop(num_envs, num_seq, std, cpu_kernel_path):
+    """
+    The planner's policy prior trajectories (on CPU with no gradient one fused call, each thread through
+    the whole horizon) against the official per-step loop with the same noise; FLOPs those of the ops.
+    """
+    policy = make_policy(mlp_dim=37)
+    model, z = policy.model, th.randn(num_envs, 8)
+
+    def rollout() -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        return policies.policy_rollout(model, z, num_seq, 4, std, policy.gamma)
+
+    with th.no_grad():
+        th.manual_seed(3)
+        actions, value, z_end = rollout()
+        total, fused = kernel_flops(rollout, th.ops.sb3_tdmpc_cpu.policy_rollout)
+        th.manual_seed(3)
+        ref_value, ref_z, ref_actions = 0.0, z.unsqueeze(1).repeat(1, num_seq, 1), []
+        for t in range(4):
+            ref_actions.append(reference_pi(model, ref_z, std))
+            ref_z, reward = reference_next(model, ref_z, ref_actions[-1])
+            ref_value = ref_value + policy.gamma**t * reward
+    assert close(actions, th.stack(ref_actions)) and close(value, ref_value) and close(z_end, ref_z)
+    assert (fused > 0) == (cpu_kernel_path == "cpu kernels")
+    with th.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(policies, "chain_kernels_apply", lambda x: False)  # step by step
+        assert kernel_flops(rollout, None)[0] == total
+
+
 def test_chain_kernels_reject_mismatched_shapes():
     """The fused calls check their inputs: a clear error, not a wrong result."""
     if not cpu_kernels.load():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
     model = make_policy().model
     weight_t, bias = model._fused_first_layer()
-    d, r = ([(lin.weight.t(), lin.bias) for lin in list(net)[2::2]] for net in (model.dynamics, model.reward))
+    d, r = policies.transposed_layers(model.dynamics, 2), policies.transposed_layers(model.reward, 2)
     z_part, actions, w_z = th.zeros(1, 64), th.zeros(2, 5, 3), weight_t[:8]
     with pytest.raises(RuntimeError, match="first layer's shapes do not match"):
         cpu_kernels.rollout_return(z_part, actions, w_z, weight_t[8:10], bias, d, r, 0.99)
     with pytest.raises(RuntimeError, match="d must end in the latent"):
         cpu_kernels.rollout_return(z_part, actions, w_z, weight_t[8:], bias, r, r, 0.99)
-    pi = [(layer.weight.t(), layer.bias) for layer in list(model.pi_net)[::2]]
+    pi = policies.transposed_layers(model.pi_net)
     q = list(model.q.weights), list(model.q.biases), model.q.norm_weight, model.q.norm_bias
-    with pytest.raises(RuntimeError, match="action_noise is"):
+    with pytest.raises(RuntimeError, match="action_noise's shape does not match"):
         cpu_kernels.min_q_of_policy(th.zeros(4, 8), pi, th.zeros(4, 2), *q)
+    first_layer = w_z, weight_t[8:], bias
+    with pytest.raises(RuntimeError, match="action_noise's shape does not match"):
+        cpu_kernels.policy_rollout(th.zeros(2, 8), 3, 5, pi, th.zeros(5, 6, 2), *first_layer, d, r, 0.99)
+    with pytest.raises(RuntimeError, match="pi's layer 1's shapes do not match"):
+        cpu_kernels.policy_rollout(th.zeros(2, 9), 3, 5, pi, None, *first_layer, d, r, 0.99)
     with pytest.raises(RuntimeError, match="Q's layer 1's shapes do not match"):
         cpu_kernels.min_q_of_policy(th.zeros(4, 8), pi, None, [q[0][0][:, :10], *q[0][1:]], *q[1:])
 

@@ -55,6 +55,12 @@ _LIBRARY.define(
     "Tensor[] reward_biases, float gamma) -> (Tensor, Tensor)"
 )
 _LIBRARY.define(
+    "policy_rollout(Tensor z0, int num_seq, int horizon, Tensor[] pi_weights_t, Tensor[] pi_biases, "
+    "Tensor? action_noise, Tensor first_weight_z, Tensor first_weight_a, Tensor first_bias, "
+    "Tensor[] dynamics_weights_t, Tensor[] dynamics_biases, Tensor[] reward_weights_t, "
+    "Tensor[] reward_biases, float gamma) -> (Tensor, Tensor, Tensor)"
+)
+_LIBRARY.define(
     "min_q_of_policy(Tensor z, Tensor[] pi_weights_t, Tensor[] pi_biases, Tensor? action_noise, "
     "Tensor[] q_weights, Tensor[] q_biases, Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor"
 )
@@ -70,6 +76,11 @@ def _first_layer_norm_tanh_flop(
     h_shape: list[int], bias_shape: list[int], x_shape: list[int], *args: Any, **kwargs: Any
 ) -> int:
     return 2 * x_shape[0] * x_shape[1] * h_shape[1]  # the rank-K update's, as FlopCounterMode counts addmm
+
+
+def _weights_flop(*shape_lists: list[list[int]]) -> int:
+    """2 x the multiply-adds of one row through layers of these ``[in, out]`` weights."""
+    return 2 * sum(n_in * n_out for shapes in shape_lists for n_in, n_out in shapes)
 
 
 @register_flop_formula(th.ops.sb3_tdmpc_cpu.rollout_return)
@@ -90,8 +101,31 @@ def _rollout_return_flop(
     latent_dim, width = first_weight_z_shape
     # t = 0: the z-part is given (computed per environment outside)
     first_layer = action_dim * width + (horizon - 1) * (latent_dim + action_dim) * width
-    layers = sum(n_in * n_out for n_in, n_out in [*dynamics_weights_t_shapes, *reward_weights_t_shapes])
-    return 2 * rows * (first_layer + horizon * layers)
+    layers = _weights_flop(dynamics_weights_t_shapes, reward_weights_t_shapes)
+    return rows * (2 * first_layer + horizon * layers)
+
+
+@register_flop_formula(th.ops.sb3_tdmpc_cpu.policy_rollout)
+def _policy_rollout_flop(
+    z0_shape: list[int],
+    num_seq: int,
+    horizon: int,
+    pi_weights_t_shapes: list[list[int]],
+    pi_biases_shapes: list[list[int]],
+    action_noise_shape: list[int] | None,
+    first_weight_z_shape: list[int],
+    first_weight_a_shape: list[int],
+    first_bias_shape: list[int],
+    dynamics_weights_t_shapes: list[list[int]],
+    dynamics_biases_shapes: list[list[int]],
+    reward_weights_t_shapes: list[list[int]],
+    *args: Any,
+    **kwargs: Any,
+) -> int:
+    """The matmuls of the same rollout step by step (pi, then ``WorldModel.next``'s PyTorch ops)."""
+    first_layer = [[first_weight_z_shape[0] + first_weight_a_shape[0], first_weight_z_shape[1]]]
+    layers = [pi_weights_t_shapes, first_layer, dynamics_weights_t_shapes, reward_weights_t_shapes]
+    return z0_shape[0] * num_seq * horizon * _weights_flop(*layers)
 
 
 @register_flop_formula(th.ops.sb3_tdmpc_cpu.min_q_of_policy)
@@ -106,8 +140,8 @@ def _min_q_of_policy_flop(
 ) -> int:
     """The matmuls of pi and Q layer by layer (Q's output layer, a matrix-vector product, uncounted)."""
     (num_q, first_in, width), (_, hidden_in, hidden_out) = q_weights_shapes[:2]
-    pi = sum(n_in * n_out for n_in, n_out in pi_weights_t_shapes)
-    return 2 * z_shape[0] * (pi + num_q * (first_in * width + hidden_in * hidden_out))
+    q = 2 * num_q * (first_in * width + hidden_in * hidden_out)
+    return z_shape[0] * (_weights_flop(pi_weights_t_shapes) + q)
 
 
 def load() -> bool:
@@ -227,6 +261,44 @@ def rollout_return(
     return th.ops.sb3_tdmpc_cpu.rollout_return(
         first_z_part,
         actions,
+        first_weight_z,
+        first_weight_a,
+        first_bias,
+        [weight_t for weight_t, _ in dynamics_layers],
+        [bias for _, bias in dynamics_layers],
+        [weight_t for weight_t, _ in reward_layers],
+        [bias for _, bias in reward_layers],
+        gamma,
+    )
+
+
+def policy_rollout(
+    z0: th.Tensor,
+    num_seq: int,
+    horizon: int,
+    pi_layers: list[tuple[th.Tensor, th.Tensor]],
+    action_noise: th.Tensor | None,
+    first_weight_z: th.Tensor,
+    first_weight_a: th.Tensor,
+    first_bias: th.Tensor,
+    dynamics_layers: list[tuple[th.Tensor, th.Tensor]],
+    reward_layers: list[tuple[th.Tensor, th.Tensor]],
+    gamma: float,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    The policy prior's trajectories, ``num_seq`` from each latent of ``z0`` ``[E, latent]``, with no
+    gradient (needs :func:`load`): ``a_t = pi(z_t)`` (plus ``action_noise`` ``[H, E * num_seq, A]``, as
+    :func:`min_q_of_policy`'s), ``z_{t+1} = d(z_t, a_t)``; each thread takes its rows through the
+    whole horizon. Returns the actions ``[H, E * num_seq, A]``, ``sum_t gamma^t R(z_t, a_t)``
+    ``[E * num_seq, 1]`` and ``z_H``; the layers as :func:`min_q_of_policy`'s and :func:`rollout_return`'s.
+    """
+    return th.ops.sb3_tdmpc_cpu.policy_rollout(
+        z0,
+        num_seq,
+        horizon,
+        [weight_t for weight_t, _ in pi_layers],
+        [bias for _, bias in pi_layers],
+        action_noise,
         first_weight_z,
         first_weight_a,
         first_bias,

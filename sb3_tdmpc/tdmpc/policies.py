@@ -544,6 +544,12 @@ def is_elu_mlp(net: nn.Module) -> bool:
     return all(type(m) is (nn.Linear if i % 2 == 0 else nn.ELU) for i, m in enumerate(net))
 
 
+def transposed_layers(net: nn.Sequential, first: int = 0) -> list[tuple[th.Tensor, th.Tensor]]:
+    """``(weight.t(), bias)`` of an :func:`mlp`'s linear layers from module ``first`` on, as the chain
+    kernels take them."""
+    return [(layer.weight.t(), layer.bias) for layer in list(net)[first::2]]
+
+
 def forward_mlp(net: nn.Module, x: th.Tensor) -> th.Tensor:
     """``net(x)``, evaluated layer by layer with the fast ELU where ``net`` is an :func:`mlp`."""
     if not is_elu_mlp(net):
@@ -705,13 +711,57 @@ def min_q_of_policy(model: nn.Module, q: nn.Module, z: th.Tensor, std: float) ->
     if isinstance(q, QEnsemble) and pi_net is not None and is_elu_mlp(pi_net) and chain_kernels_apply(z):
         rows = z.reshape(-1, z.shape[-1])
         noise = policy_noise((rows.shape[0], pi_net[-1].out_features), std, z) if std > 0 else None
-        pi_layers = [(layer.weight.t(), layer.bias) for layer in list(pi_net)[::2]]
+        pi_layers = transposed_layers(pi_net)
         q_layers = list(q.weights), list(q.biases)
         value = cpu_kernels.min_q_of_policy(
             rows, pi_layers, noise, *q_layers, q.norm_weight, q.norm_bias, _LAYER_NORM_EPS
         )
         return value.view(*z.shape[:-1], 1)
     return q(z, model.pi(z, std)).min(dim=0).values
+
+
+def policy_rollout(
+    model: nn.Module, z: th.Tensor, num_trajectories: int, horizon: int, std: float, gamma: float
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    ``num_trajectories`` trajectories of ``model``'s policy prior from each environment's latent:
+    ``a_t = pi(z_t)`` (noise of scale ``std``), ``z_{t+1} = d(z_t, a_t)``, for ``horizon >= 1`` steps.
+    With no gradient on CPU (eager), one fused C++ call in which each thread takes its rows through
+    the whole horizon (the noise drawn before, step by step, as pi draws it).
+
+    :param model: A :class:`WorldModel`, or any model with its ``pi`` and ``next``
+    :param z: Start latents ``[E, latent_dim]``
+    :return: The actions ``[H, E, P, A]``, ``sum_t gamma^t R(z_t, a_t)`` ``[E, P, 1]`` and ``z_H``
+        ``[E, P, latent_dim]``
+    """
+    (num_envs, latent_dim), num_pi = z.shape, num_trajectories
+    batch = (num_envs, num_pi)
+    fast = isinstance(model, WorldModel) and model._fast_next() and is_elu_mlp(model.pi_net)
+    if fast and num_pi > 0 and chain_kernels_apply(z):
+        shape = (*batch, model.pi_net[-1].out_features)
+        noise = th.stack([policy_noise(shape, std, z) for _ in range(horizon)]) if std > 0 else None
+        weight_t, bias = model._fused_first_layer()
+        actions, value, z_end = cpu_kernels.policy_rollout(
+            z,
+            num_pi,
+            horizon,
+            transposed_layers(model.pi_net),
+            None if noise is None else noise.view(horizon, num_envs * num_pi, -1),
+            weight_t[:latent_dim],
+            weight_t[latent_dim:],
+            bias,
+            transposed_layers(model.dynamics, 2),
+            transposed_layers(model.reward, 2),
+            gamma,
+        )
+        return actions.view(horizon, *shape), value.view(*batch, 1), z_end.view(*batch, latent_dim)
+    z_t = z.unsqueeze(1).expand(*batch, latent_dim)
+    actions, value, discount = [], th.zeros((), device=z.device, dtype=z.dtype), 1.0
+    for _ in range(horizon):
+        actions.append(model.pi(z_t, std))
+        z_t, reward = model.next(z_t, actions[-1])
+        value, discount = value + discount * reward, discount * gamma
+    return th.stack(actions), value.expand(*batch, 1), z_t
 
 
 class WorldModel(nn.Module):
@@ -825,10 +875,7 @@ class WorldModel(nn.Module):
         w_z, w_a = weight_t[:latent_dim], weight_t[latent_dim:]
         z_part = affine(z, w_z, bias)
         if chain_kernels_apply(z):  # the planner's: each thread through the whole horizon on its own rows
-            d_layers, r_layers = (
-                [(layer.weight.t(), layer.bias) for layer in list(net)[2::2]]
-                for net in (self.dynamics, self.reward)
-            )
+            d_layers, r_layers = transposed_layers(self.dynamics, 2), transposed_layers(self.reward, 2)
             rows = actions.reshape(horizon, num_envs * num_seq, action_dim)
             value, z = cpu_kernels.rollout_return(z_part, rows, w_z, w_a, bias, d_layers, r_layers, gamma)
             return value.view(num_envs, num_seq, 1), z.view(num_envs, num_seq, latent_dim)
@@ -1117,16 +1164,8 @@ class TDMPCPolicy(BasePolicy):
 
         :return: z ``[E, latent]``, actions ``[H, E, P, A]``, returns ``[E, P, 1]``, z_H ``[E, P, latent]``
         """
-        model, num_envs, num_pi = self.model, obs.shape[0], self.num_policy_trajectories
-        z = model.encode(obs)
-        pi_actions = z.new_empty(horizon, num_envs, num_pi, self.action_dim)
-        z_pi = z.unsqueeze(1).expand(num_envs, num_pi, -1)
-        pi_value, discount = th.zeros((), device=z.device), 1.0
-        for t in range(horizon):
-            pi_actions[t] = model.pi(z_pi, self.min_std)
-            z_pi, reward = model.next(z_pi, pi_actions[t])
-            pi_value, discount = pi_value + discount * reward, discount * self.gamma
-        return z, pi_actions, pi_value.expand(num_envs, num_pi, 1), z_pi
+        z, num_pi = self.model.encode(obs), self.num_policy_trajectories
+        return z, *policy_rollout(self.model, z, num_pi, horizon, self.min_std, self.gamma)
 
     def _plan_iteration(
         self,

@@ -1,10 +1,11 @@
 // Whole chains of layers on CPU with no gradient: the planner's latent rollout (sum_t gamma^t R(z_t, a_t)
-// and z_H) and min_i Q_i(z, pi(z)) (the planner's terminal values, the TD targets). Each thread takes its
-// own rows through every layer, each a single-threaded MKL GEMM on a block of up to 256 rows followed by
-// its bias and ELU (or LayerNorm-tanh) in one vectorised pass per row. Layer by layer in PyTorch ops,
-// each of the planner's GEMMs on 512 rows is split over both threads and ends in a barrier, and the
-// elementwise passes and Python's dispatch between them leave one thread waiting; here the threads meet
-// once per call. The same computations as WorldModel.rollout_return's and QEnsemble's layers (the first
+// and z_H), the same for the policy prior's own trajectories (a_t = pi(z_t)), and min_i Q_i(z, pi(z))
+// (the planner's terminal values, the TD targets). Each thread takes its own rows through every layer,
+// each a single-threaded MKL GEMM on a block of up to 256 rows followed by its bias and ELU (or
+// LayerNorm-tanh) in one vectorised pass per row. Layer by layer in PyTorch ops, each of the planner's
+// GEMMs on 512 rows (or 25, the policy trajectories) is split over both threads and ends in a barrier,
+// and the elementwise passes and Python's dispatch between them leave one thread waiting; here the
+// threads meet once per call. The same computations as WorldModel's and QEnsemble's layers (the first
 // layer's action part a rank-A update inside the ELU's pass). docs/performance.md measures them;
 // tests/test_equivalence.py checks them.
 #include <ATen/ATen.h>
@@ -43,10 +44,125 @@ void check_float(const char* op, const at::Tensor& t, int64_t dim, const char* w
               "-D float32 CPU tensor");
 }
 
+// d's and R's layers after their first layer (side by side, ELU, computed by the caller): transposed
+// weights [in, out], ELU after all but the last; d ends in the latent, R in one output.
+class DynamicsReward {
+ public:
+  DynamicsReward(const char* op, int64_t first_width, int64_t latent_dim, at::TensorList dynamics_weights_t,
+                 at::TensorList dynamics_biases, at::TensorList reward_weights_t, at::TensorList reward_biases)
+      : d_weight_(dynamics_weights_t), r_weight_(reward_weights_t) {
+    const int64_t num_layers = static_cast<int64_t>(dynamics_weights_t.size());
+    TORCH_CHECK(num_layers >= 1 && reward_weights_t.size() == dynamics_weights_t.size() &&
+                    dynamics_biases.size() == dynamics_weights_t.size() && reward_biases.size() == reward_weights_t.size(),
+                op, ": d and R need as many layers, each with a bias");
+    TORCH_CHECK(first_width % 2 == 0, op, ": the first layer's width is not d's and R's");
+    int64_t d_in = first_width / 2, r_in = first_width / 2;
+    for (int64_t l = 0; l < num_layers; ++l) {
+      const auto &wd = dynamics_weights_t[l], &wr = reward_weights_t[l];
+      check_float(op, wd, 2, "a dynamics weight");
+      check_float(op, wr, 2, "a reward weight");
+      TORCH_CHECK(wd.size(0) == d_in && wr.size(0) == r_in && dynamics_biases[l].numel() == wd.size(1) &&
+                      reward_biases[l].numel() == wr.size(1),
+                  op, ": layer ", l + 1, "'s shapes do not match");
+      d_in = wd.size(1);
+      r_in = wr.size(1);
+      d_bias_.push_back(dynamics_biases[l].contiguous().view(-1));
+      r_bias_.push_back(reward_biases[l].contiguous().view(-1));
+    }
+    TORCH_CHECK(d_in == latent_dim && r_in == 1, op, ": d must end in the latent, R in one output");
+    num_hidden_ = num_layers - 1;
+    reward_out_ = reward_weights_t[num_hidden_].contiguous();
+  }
+
+  // A block's buffers for the hidden layers: d's, then R's.
+  std::vector<at::Tensor> buffers(int64_t n, const at::TensorOptions& options) const {
+    std::vector<at::Tensor> out;
+    for (int64_t l = 0; l < num_hidden_; ++l) out.push_back(at::empty({n, d_weight_[l].size(1)}, options));
+    for (int64_t l = 0; l < num_hidden_; ++l) out.push_back(at::empty({n, r_weight_[l].size(1)}, options));
+    return out;
+  }
+
+  // From hidden [n, 2M], the first layers' ELU for (z_t, a_t): z <- d(z_t, a_t), value[i] += discount R(z_t, a_t).
+  void step(const at::Tensor& hidden, std::vector<at::Tensor>& buffers, at::Tensor& z, float* value, float discount) const {
+    const int64_t half = hidden.size(1) / 2;
+    at::Tensor d = hidden.narrow(1, 0, half), r = hidden.narrow(1, half, half);
+    for (int64_t l = 0; l < num_hidden_; ++l) {
+      elu_layer(d, d_weight_[l], d_bias_[l], buffers[l]);
+      elu_layer(r, r_weight_[l], r_bias_[l], buffers[num_hidden_ + l]);
+    }
+    at::addmm_out(z, d_bias_[num_hidden_], d, d_weight_[num_hidden_]);  // z_{t+1} = d(z_t, a_t)
+    const float* r_data = r.const_data_ptr<float>();
+    const float r_out_bias = *r_bias_[num_hidden_].const_data_ptr<float>();
+    const int64_t r_width = r.size(1), r_stride = r.stride(0);
+    for (int64_t i = 0; i < r.size(0); ++i)  // G += gamma^t R(z_t, a_t)
+      value[i] += discount * (dot(r_data + i * r_stride, reward_out_.const_data_ptr<float>(), r_width) + r_out_bias);
+  }
+
+ private:
+  at::TensorList d_weight_, r_weight_;
+  std::vector<at::Tensor> d_bias_, r_bias_;
+  at::Tensor reward_out_;
+  int64_t num_hidden_ = 0;
+};
+
+// The policy prior pi: transposed weights [in, out], ELU after all but the last, then tanh; with noise
+// (already scaled and clipped), a = clamp(tanh(.) + noise, -1 + 1e-6, 1 - 1e-6), as WorldModel.pi.
+class Policy {
+ public:
+  Policy(const char* op, int64_t latent_dim, at::TensorList weights_t, at::TensorList biases) : weight_(weights_t) {
+    TORCH_CHECK(!weights_t.empty() && biases.size() == weights_t.size(), op, ": pi needs layers, each with a bias");
+    int64_t in = latent_dim;
+    for (size_t l = 0; l < weights_t.size(); ++l) {
+      check_float(op, weights_t[l], 2, "a pi weight");
+      TORCH_CHECK(weights_t[l].size(0) == in && biases[l].numel() == weights_t[l].size(1), op, ": pi's layer ", l + 1,
+                  "'s shapes do not match");
+      in = weights_t[l].size(1);
+      bias_.push_back(biases[l].contiguous().view(-1));
+    }
+    action_dim_ = in;
+  }
+
+  int64_t action_dim() const { return action_dim_; }
+
+  // a = pi(z) for a block's rows into `action` [n, A] (any row stride); noise: the block's [n, A], or null.
+  void act(const at::Tensor& z, const float* noise, at::Tensor action) const {
+    at::Tensor x = z;
+    const size_t last = weight_.size() - 1;
+    for (size_t l = 0; l < last; ++l) {
+      auto out = at::empty({z.size(0), weight_[l].size(1)}, z.options());
+      elu_layer(x, weight_[l], bias_[l], out);
+    }
+    at::addmm_out(action, bias_[last], x, weight_[last]);
+    float* a = action.data_ptr<float>();
+    const int64_t stride = action.stride(0);
+    for (int64_t i = 0; i < action.size(0); ++i) {
+      for (int64_t k = 0; k < action_dim_; ++k) {
+        float& a_k = a[i * stride + k];
+        a_k = std::tanh(a_k);
+        if (noise != nullptr) a_k = std::clamp(a_k + noise[i * action_dim_ + k], -1.f + 1e-6f, 1.f - 1e-6f);
+      }
+    }
+  }
+
+ private:
+  at::TensorList weight_;
+  std::vector<at::Tensor> bias_;
+  int64_t action_dim_ = 0;
+};
+
+// The data of an optional action_noise of the given shape (contiguous, held in `kept`), or null.
+const float* optional_noise(const char* op, const c10::optional<at::Tensor>& noise, at::IntArrayRef shape, at::Tensor& kept) {
+  if (!noise.has_value()) return nullptr;
+  check_float(op, *noise, static_cast<int64_t>(shape.size()), "action_noise");
+  TORCH_CHECK(noise->sizes() == shape, op, ": action_noise's shape does not match the actions'");
+  kept = noise->contiguous();
+  return kept.const_data_ptr<float>();
+}
+
 // first_z_part [E, 2M]: the first layers' z-part plus bias at t = 0 (W_z z_0 + b, per environment);
 // actions [H, E * S, A]; first_weight_z [L, 2M], first_weight_a [A, 2M], first_bias [2M]: d's and R's first
-// layers side by side (transposed); then each network's further layers (transposed weights [in, out]),
-// ELU after all but the last; R's last is [M, 1]. Returns the discounted rewards [E * S, 1] and z_H [E * S, L].
+// layers side by side (transposed); then each network's further layers (DynamicsReward). Returns the
+// discounted rewards [E * S, 1] and z_H [E * S, L].
 std::tuple<at::Tensor, at::Tensor> rollout_return(const at::Tensor& first_z_part, const at::Tensor& actions,
                                                   const at::Tensor& first_weight_z, const at::Tensor& first_weight_a,
                                                   const at::Tensor& first_bias, at::TensorList dynamics_weights_t,
@@ -59,48 +175,24 @@ std::tuple<at::Tensor, at::Tensor> rollout_return(const at::Tensor& first_z_part
   check_float("rollout_return", first_bias, 1, "first_bias");
   const int64_t horizon = actions.size(0), rows = actions.size(1), action_dim = actions.size(2);
   const int64_t num_envs = first_z_part.size(0), width = first_weight_z.size(1), latent_dim = first_weight_z.size(0);
-  const int64_t num_layers = static_cast<int64_t>(dynamics_weights_t.size());
   TORCH_CHECK(num_envs > 0 && rows % num_envs == 0, "rollout_return: actions' rows are not E * S");
   TORCH_CHECK(first_z_part.size(1) == width && first_weight_a.size(0) == action_dim && first_weight_a.size(1) == width &&
-                  first_bias.size(0) == width && width % 2 == 0,
+                  first_bias.size(0) == width,
               "rollout_return: the first layer's shapes do not match");
-  TORCH_CHECK(num_layers >= 1 && reward_weights_t.size() == dynamics_weights_t.size() &&
-                  dynamics_biases.size() == dynamics_weights_t.size() && reward_biases.size() == reward_weights_t.size(),
-              "rollout_return: d and R need as many layers, each with a bias");
-  int64_t d_in = width / 2, r_in = width / 2;
-  for (int64_t l = 0; l < num_layers; ++l) {
-    const auto &wd = dynamics_weights_t[l], &wr = reward_weights_t[l];
-    check_float("rollout_return", wd, 2, "a dynamics weight");
-    check_float("rollout_return", wr, 2, "a reward weight");
-    TORCH_CHECK(wd.size(0) == d_in && wr.size(0) == r_in && dynamics_biases[l].numel() == wd.size(1) &&
-                    reward_biases[l].numel() == wr.size(1),
-                "rollout_return: layer ", l + 1, "'s shapes do not match");
-    d_in = wd.size(1);
-    r_in = wr.size(1);
-  }
-  TORCH_CHECK(d_in == latent_dim && r_in == 1, "rollout_return: d must end in the latent, R in one output");
+  const DynamicsReward dynamics_reward("rollout_return", width, latent_dim, dynamics_weights_t, dynamics_biases,
+                                       reward_weights_t, reward_biases);
 
-  const int64_t num_seq = rows / num_envs, num_hidden = num_layers - 1;
+  const int64_t num_seq = rows / num_envs;
   const auto options = actions.options();
   const auto z_part = first_z_part.contiguous(), acts = actions.contiguous(), w_a = first_weight_a.contiguous();
-  const auto bias = first_bias.contiguous(), reward_out = reward_weights_t[num_hidden].contiguous();
-  std::vector<at::Tensor> d_bias, r_bias;
-  for (int64_t l = 0; l < num_layers; ++l) {
-    d_bias.push_back(dynamics_biases[l].contiguous().view(-1));
-    r_bias.push_back(reward_biases[l].contiguous().view(-1));
-  }
+  const auto bias = first_bias.contiguous();
   auto value = at::zeros({rows, 1}, options);
   auto z_end = at::empty({rows, latent_dim}, options);
 
   sb3_tdmpc::for_each_row_block(rows, kBlockRows, [&](int64_t start, int64_t n) {
     auto hidden = at::empty({n, width}, options);
-    std::vector<at::Tensor> d_hidden, r_hidden;
-    for (int64_t l = 0; l < num_hidden; ++l) {
-      d_hidden.push_back(at::empty({n, dynamics_weights_t[l].size(1)}, options));
-      r_hidden.push_back(at::empty({n, reward_weights_t[l].size(1)}, options));
-    }
+    auto buffers = dynamics_reward.buffers(n, options);
     auto z = z_end.narrow(0, start, n);
-    float* block_value = value.data_ptr<float>() + start;
     float* h = hidden.data_ptr<float>();
     float discount = 1.f;
     for (int64_t t = 0; t < horizon; ++t) {
@@ -118,21 +210,63 @@ std::tuple<at::Tensor, at::Tensor> rollout_return(const at::Tensor& first_z_part
           add_bias_elu(h + i * width, bias.const_data_ptr<float>(), width, a + i * action_dim, w_a.const_data_ptr<float>(),
                        action_dim);
       }
-      at::Tensor d = hidden.narrow(1, 0, width / 2), r = hidden.narrow(1, width / 2, width / 2);
-      for (int64_t l = 0; l < num_hidden; ++l) {
-        elu_layer(d, dynamics_weights_t[l], d_bias[l], d_hidden[l]);
-        elu_layer(r, reward_weights_t[l], r_bias[l], r_hidden[l]);
-      }
-      at::addmm_out(z, d_bias[num_hidden], d, dynamics_weights_t[num_hidden]);  // z_{t+1} = d(z_t, a_t)
-      const float* r_data = r.const_data_ptr<float>();
-      const float r_out_bias = *r_bias[num_hidden].const_data_ptr<float>();
-      const int64_t r_width = r.size(1), r_stride = r.stride(0);
-      for (int64_t i = 0; i < n; ++i)  // G += gamma^t R(z_t, a_t)
-        block_value[i] += discount * (dot(r_data + i * r_stride, reward_out.const_data_ptr<float>(), r_width) + r_out_bias);
+      dynamics_reward.step(hidden, buffers, z, value.data_ptr<float>() + start, discount);
       discount *= static_cast<float>(gamma);
     }
   });
   return {value, z_end};
+}
+
+// The policy prior's own trajectories, num_seq from each environment's z0 [E, L]: H steps of a_t = pi(z_t)
+// (action_noise [H, E * S, A] as WorldModel.pi's), z_{t+1} = d(z_t, a_t) and G += gamma^t R(z_t, a_t), d's
+// and R's first layers side by side as rollout_return's. Returns the actions [H, E * S, A], the discounted
+// rewards [E * S, 1] and z_H [E * S, L].
+std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rollout(
+    const at::Tensor& z0, int64_t num_seq, int64_t horizon, at::TensorList pi_weights_t, at::TensorList pi_biases,
+    const c10::optional<at::Tensor>& action_noise, const at::Tensor& first_weight_z, const at::Tensor& first_weight_a,
+    const at::Tensor& first_bias, at::TensorList dynamics_weights_t, at::TensorList dynamics_biases,
+    at::TensorList reward_weights_t, at::TensorList reward_biases, double gamma) {
+  check_float("policy_rollout", z0, 2, "z0");
+  check_float("policy_rollout", first_weight_z, 2, "first_weight_z");
+  check_float("policy_rollout", first_weight_a, 2, "first_weight_a");
+  check_float("policy_rollout", first_bias, 1, "first_bias");
+  TORCH_CHECK(num_seq >= 0 && horizon >= 0, "policy_rollout: negative sizes");
+  const int64_t num_envs = z0.size(0), latent_dim = z0.size(1), rows = num_envs * num_seq, width = first_weight_z.size(1);
+  const Policy pi("policy_rollout", latent_dim, pi_weights_t, pi_biases);
+  const int64_t action_dim = pi.action_dim();
+  TORCH_CHECK(first_weight_z.size(0) == latent_dim && first_weight_a.size(0) == action_dim && first_weight_a.size(1) == width &&
+                  first_bias.size(0) == width,
+              "policy_rollout: the first layer's shapes do not match");
+  const DynamicsReward dynamics_reward("policy_rollout", width, latent_dim, dynamics_weights_t, dynamics_biases,
+                                       reward_weights_t, reward_biases);
+  at::Tensor noise_kept;
+  const float* noise = optional_noise("policy_rollout", action_noise, {horizon, rows, action_dim}, noise_kept);
+
+  const auto options = z0.options();
+  const auto w_a = first_weight_a.contiguous(), bias = first_bias.contiguous();
+  auto actions = at::empty({horizon, rows, action_dim}, options);
+  auto value = at::zeros({rows, 1}, options);
+  auto z_end = z0.contiguous().repeat_interleave(num_seq, 0);  // each trajectory's z_0, then z_H
+
+  sb3_tdmpc::for_each_row_block(rows, kBlockRows, [&](int64_t start, int64_t n) {
+    auto hidden = at::empty({n, width}, options);
+    auto buffers = dynamics_reward.buffers(n, options);
+    auto z = z_end.narrow(0, start, n);
+    float* h = hidden.data_ptr<float>();
+    float discount = 1.f;
+    for (int64_t t = 0; t < horizon; ++t) {
+      auto action = actions.select(0, t).narrow(0, start, n);
+      pi.act(z, noise == nullptr ? nullptr : noise + (t * rows + start) * action_dim, action);
+      at::mm_out(hidden, z, first_weight_z);  // ELU(W_z z + b + W_a a)
+      const float* a = action.const_data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i)
+        add_bias_elu(h + i * width, bias.const_data_ptr<float>(), width, a + i * action_dim, w_a.const_data_ptr<float>(),
+                     action_dim);
+      dynamics_reward.step(hidden, buffers, z, value.data_ptr<float>() + start, discount);
+      discount *= static_cast<float>(gamma);
+    }
+  });
+  return {actions, value, z_end};
 }
 
 // min_i Q_i(z, a) with a = pi(z) [+ noise]: pi's layers (transposed weights [in, out], ELU after all but
@@ -143,16 +277,9 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
                            const c10::optional<at::Tensor>& action_noise, at::TensorList q_weights, at::TensorList q_biases,
                            const at::Tensor& norm_weight, const at::Tensor& norm_bias, double eps) {
   check_float("min_q_of_policy", z, 2, "z");
-  const int64_t rows = z.size(0), latent_dim = z.size(1), num_pi = static_cast<int64_t>(pi_weights_t.size());
-  TORCH_CHECK(num_pi >= 1 && pi_biases.size() == pi_weights_t.size(), "min_q_of_policy: pi needs layers, each with a bias");
-  int64_t in = latent_dim;
-  for (int64_t l = 0; l < num_pi; ++l) {
-    check_float("min_q_of_policy", pi_weights_t[l], 2, "a pi weight");
-    TORCH_CHECK(pi_weights_t[l].size(0) == in && pi_biases[l].numel() == pi_weights_t[l].size(1),
-                "min_q_of_policy: pi's layer ", l + 1, "'s shapes do not match");
-    in = pi_weights_t[l].size(1);
-  }
-  const int64_t action_dim = in;
+  const int64_t rows = z.size(0), latent_dim = z.size(1);
+  const Policy pi("min_q_of_policy", latent_dim, pi_weights_t, pi_biases);
+  const int64_t action_dim = pi.action_dim();
   TORCH_CHECK(q_weights.size() == 3 && q_biases.size() == 3, "min_q_of_policy: Q has three layers");
   const int64_t num_q = q_weights[0].size(0), width = q_weights[0].size(2);
   for (int64_t l = 0; l < 3; ++l) {
@@ -165,18 +292,12 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
   }
   TORCH_CHECK(norm_weight.numel() == num_q * width && norm_bias.numel() == num_q * width,
               "min_q_of_policy: Q's LayerNorm shapes do not match");
-  const bool noisy = action_noise.has_value();
-  at::Tensor noise;
-  if (noisy) {
-    check_float("min_q_of_policy", *action_noise, 2, "action_noise");
-    TORCH_CHECK(action_noise->size(0) == rows && action_noise->size(1) == action_dim, "min_q_of_policy: action_noise is [N, A]");
-    noise = action_noise->contiguous();
-  }
+  at::Tensor noise_kept;
+  const float* noise = optional_noise("min_q_of_policy", action_noise, {rows, action_dim}, noise_kept);
 
   const auto options = z.options();
   const auto input = z.contiguous();
-  std::vector<at::Tensor> pi_bias, first_bias, hidden_bias, out_weight;
-  for (int64_t l = 0; l < num_pi; ++l) pi_bias.push_back(pi_biases[l].contiguous().view(-1));
+  std::vector<at::Tensor> first_bias, hidden_bias, out_weight;
   const auto norm_weight_c = norm_weight.contiguous().view({num_q, width}), norm_bias_c = norm_bias.contiguous().view({num_q, width});
   for (int64_t q = 0; q < num_q; ++q) {
     first_bias.push_back(q_biases[0].select(0, q).contiguous().view(-1));
@@ -190,23 +311,8 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
     // a = tanh(pi(z)) [+ noise], written next to z: [z, a] is Q's input
     auto z_action = at::empty({n, latent_dim + action_dim}, options);
     z_action.narrow(1, 0, latent_dim).copy_(input.narrow(0, start, n));
-    at::Tensor x = input.narrow(0, start, n);
-    for (int64_t l = 0; l + 1 < num_pi; ++l) {
-      auto out = at::empty({n, pi_weights_t[l].size(1)}, options);
-      elu_layer(x, pi_weights_t[l], pi_bias[l], out);
-    }
-    auto mu = z_action.narrow(1, latent_dim, action_dim);
-    at::addmm_out(mu, pi_bias[num_pi - 1], x, pi_weights_t[num_pi - 1]);
-    const float* noise_data = noisy ? noise.const_data_ptr<float>() : nullptr;
-    float* za = z_action.data_ptr<float>();
-    const int64_t za_width = z_action.size(1);
-    for (int64_t i = 0; i < n; ++i) {
-      float* a = za + i * za_width + latent_dim;
-      for (int64_t k = 0; k < action_dim; ++k) {
-        a[k] = std::tanh(a[k]);
-        if (noisy) a[k] = std::clamp(a[k] + noise_data[(start + i) * action_dim + k], -1.f + 1e-6f, 1.f - 1e-6f);
-      }
-    }
+    pi.act(input.narrow(0, start, n), noise == nullptr ? nullptr : noise + start * action_dim,
+           z_action.narrow(1, latent_dim, action_dim));
     // min_i Q_i(z, a)
     auto hidden = at::empty({n, width}, options), hidden2 = at::empty({n, width}, options);
     float* h = hidden.data_ptr<float>();
@@ -238,4 +344,5 @@ at::Tensor min_q_of_policy(const at::Tensor& z, at::TensorList pi_weights_t, at:
 TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("rollout_return", &rollout_return);
   m.impl("min_q_of_policy", &min_q_of_policy);
+  m.impl("policy_rollout", &policy_rollout);
 }
