@@ -94,18 +94,18 @@ def matmul_gflops(timer: Timer, device: th.device, calls: int = 10) -> float:
     return MATMUL_FLOP / statistics.median(times) / 1e9
 
 
-def make_batch(horizon: int, device: th.device) -> SequenceSamples:
+def make_batch(horizon: int, device: th.device, batch: int = BATCH) -> SequenceSamples:
     gen = th.Generator().manual_seed(0)
-    masks = th.ones(horizon, BATCH, 1)
+    masks = th.ones(horizon, batch, 1)
     masks[horizon // 2 :, :8] = 0
     return SequenceSamples(
-        observations=th.randn(horizon + 1, BATCH, OBS_DIM, generator=gen).to(device),
-        actions=(th.rand(horizon, BATCH, ACTION_DIM, generator=gen) * 2 - 1).to(device),
-        rewards=th.randn(horizon, BATCH, 1, generator=gen).to(device),
-        terminals=th.zeros(horizon, BATCH, 1, device=device),
+        observations=th.randn(horizon + 1, batch, OBS_DIM, generator=gen).to(device),
+        actions=(th.rand(horizon, batch, ACTION_DIM, generator=gen) * 2 - 1).to(device),
+        rewards=th.randn(horizon, batch, 1, generator=gen).to(device),
+        terminals=th.zeros(horizon, batch, 1, device=device),
         masks=masks.to(device),
-        weights=(th.rand(BATCH, generator=gen) * 0.5 + 0.5).to(device),
-        indices=np.arange(BATCH),
+        weights=(th.rand(batch, generator=gen) * 0.5 + 0.5).to(device),
+        indices=np.arange(batch),
     )
 
 

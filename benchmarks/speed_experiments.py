@@ -35,6 +35,9 @@ rerun them.
 6. ``tall matmuls`` (``--tall-rounds``): the update's [2560 or 3072, 512] x [512, 512] matmuls (an
    input gradient over horizon x batch rows) by ATen (MKL's threads) and by the fused CPU kernels'
    per-thread row blocks (``cpu_kernels.mm``), interleaved with the floor's matmul.
+7. ``eager update bound`` (``--eager-bound-rounds``): the eager update against its floor, every
+   matmul of it (PyTorch's shapes: the fused kernels off) replayed back to back on fresh operands,
+   and the update at batch 8, where what remains is its cost per op (Python, autograd, dispatch).
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -65,6 +68,7 @@ from typing import Any
 import numpy as np
 import torch as th
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py: model, timer and floor of the speed benchmark)
@@ -583,6 +587,86 @@ def gemm_accounting(rounds: int) -> None:
         clock.close()
 
 
+class _MatmulRecorder(TorchDispatchMode):
+    """The matmul-like ATen calls made under it: the op, its operands' shapes and strides, other arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[Any, list[Any], dict[str, Any]]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func.overloadpacket.__name__ in ("mm", "addmm", "addmv", "mv", "bmm", "baddbmm"):
+            layout = [(arg.shape, arg.stride()) if isinstance(arg, th.Tensor) else arg for arg in args]
+            self.calls.append((func, layout, kwargs))
+        return func(*args, **kwargs)
+
+
+def _fresh_operands(layout: list[Any]) -> list[Any]:
+    """New random operands of the recorded shapes and strides (read from memory, as the update's are)."""
+    operands = []
+    for item in layout:
+        if isinstance(item, tuple):
+            shape, stride = item
+            size = 1 + sum((n - 1) * step for n, step in zip(shape, stride, strict=True))
+            item = th.randn(size).as_strided(shape, stride)
+        operands.append(item)
+    return operands
+
+
+def eager_update_bound(rounds: int) -> None:
+    """
+    What the eager update's matmuls alone, and its fixed cost per call, take against its floor: every
+    matmul of one update recorded (the fused CPU kernels off, so that each is an ATen call: PyTorch's
+    shapes), then replayed back to back on fresh operands; and the whole update at batch 8 (a 64th of
+    its arithmetic: mostly Python's, autograd's and the dispatcher's cost per op). Each round: the
+    floor's throughput, then the update, the replay and the batch-8 update.
+    """
+    cpu, timer = th.device("cpu"), speed.Timer(th.device("cpu"))
+    model = compiled_model(False, None)
+    batches = {"full": speed.make_batch(5, cpu), "small": speed.make_batch(5, cpu, batch=8)}
+
+    def update(which: str) -> None:
+        _, latents = model._update_world_model(batches[which])
+        model._update_policy_prior(latents, batches[which].masks)
+
+    recorder = _MatmulRecorder()
+    with patched(NO_CPU_KERNELS), recorder:
+        update("full")
+
+    def replay(operands: list[list[Any]]) -> None:
+        for (op, _, kwargs), args in zip(recorder.calls, operands, strict=True):
+            op(*args, **kwargs)
+
+    operands = [_fresh_operands(layout) for _, layout, _ in recorder.calls]
+    gflop = speed.counted_gflop(lambda: replay(operands))
+
+    def timed_replay() -> float:
+        fresh = [_fresh_operands(layout) for _, layout, _ in recorder.calls]  # before the clock starts
+        return timer.time(lambda: replay(fresh))
+
+    rows = {
+        "update (eager)": lambda: timer.time(lambda: update("full")),
+        f"its {len(recorder.calls)} matmuls alone ({gflop:.2f} GFLOP counted), replayed": timed_replay,
+        "update at batch 8 (a 64th of the arithmetic)": lambda: timer.time(lambda: update("small")),
+    }
+    for _ in range(2):
+        update("full")
+        update("small")
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    ratios: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        floor = speed.REFERENCE_GFLOP_H5["update"] / speed.matmul_gflops(timer, cpu)
+        for name, timed in rows.items():
+            seconds = timed()
+            times[name].append(seconds)
+            ratios[name].append(seconds / floor)
+    print("| what | median ms | x the update's floor (median) |\n|---|---|---|")
+    for name in rows:
+        ratio = statistics.median(ratios[name])
+        print(f"| {name} | {statistics.median(times[name]) * 1e3:.1f} | **{ratio:.2f}** |")
+
+
 def policy_step_experiment(rounds: int, selected: list[str] | None) -> None:
     """
     The policy prior step alone (``_update_policy_prior``, after an untimed world-model step), of each
@@ -631,6 +715,12 @@ def main() -> None:
         "--tall-rounds", type=int, default=0, help="rounds of the tall matmul experiment (0: none)"
     )
     parser.add_argument(
+        "--eager-bound-rounds",
+        type=int,
+        default=0,
+        help="rounds of the eager update's matmuls replayed and its batch-8 cost (0: none)",
+    )
+    parser.add_argument(
         "--variant", action="append", default=None, help="plan/update variants whose name contains this"
     )
     args = parser.parse_args()
@@ -656,6 +746,10 @@ def main() -> None:
     if args.tall_rounds > 0:
         print("\ntall matmuls: [rows, 512] x [512, 512], ATen against per-thread row blocks")
         tall_matmuls(args.tall_rounds)
+
+    if args.eager_bound_rounds > 0:
+        print("\neager update: its matmuls alone and its fixed cost, against the floor (horizon 5)")
+        eager_update_bound(args.eager_bound_rounds)
 
     if args.policy_step_rounds > 0:
         print("\npolicy prior step alone: paper settings, horizon 5")
