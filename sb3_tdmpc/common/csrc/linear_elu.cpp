@@ -1,10 +1,11 @@
 // ELU(x @ weight_t + bias), and x @ w, on CPU. Below 512 rows per thread (the planner's layers), MKL's
 // GEMM with its own threads, then for linear_elu the bias and the ELU in one vectorised pass while the
 // product is still in cache. From there on (the update's horizon x batch), each thread multiplies its
-// own blocks of 128 rows (MKL's GEMM, single-threaded inside the parallel region), and linear_elu
-// applies the bias and the ELU to each block in L2: on this machine MKL's two-thread GEMM runs those
-// tall shapes about 15% slower per FLOP than its GEMM on such blocks. docs/performance.md measures it;
-// tests/test_equivalence.py checks it.
+// own rows (MKL's GEMM, single-threaded inside the parallel region): linear_elu in blocks of 128 rows,
+// applying the bias and the ELU to each block in L2, mm in one call per thread. On the AMD EPYC VM
+// (Nov 30) MKL's two-thread GEMM ran those tall shapes about 15% slower per FLOP than on such blocks;
+// on the Intel Xeon (Dec 1) as fast as mm. docs/performance.md measures it; tests/test_equivalence.py
+// checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -70,7 +71,9 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
   return out;
 }
 
-// x @ weight: MKL's GEMM, in each thread's own row blocks over many rows (the backward's input gradients).
+// x @ weight: MKL's GEMM; over many rows (the backward's input gradients) each thread multiplies its own
+// share of the rows in one call (no epilogue to keep in cache, so one block: MKL packs the weight once
+// per thread, not once per 128 rows).
 at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   check_matmul("mm", x, weight);
   if (!row_blocked(x.size(0))) {
@@ -79,7 +82,10 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   }
   const auto input = x.stride(1) == 1 ? x : x.contiguous();
   auto out = at::empty({input.size(0), weight.size(1)}, input.options());
-  row_blocked_mm_out(input, weight, out, [](float*, int64_t) {});
+  sb3_tdmpc::for_each_row_block(input.size(0), input.size(0), [&](int64_t start, int64_t n) {
+    auto out_block = out.narrow(0, start, n);
+    at::mm_out(out_block, input.narrow(0, start, n), weight);
+  });
   return out;
 }
 
