@@ -545,8 +545,10 @@ def is_elu_mlp(net: nn.Module) -> bool:
 
 
 def transposed_layers(net: nn.Sequential, first: int = 0) -> list[tuple[th.Tensor, th.Tensor]]:
-    """``(weight.t(), bias)`` of an :func:`mlp`'s linear layers from module ``first`` on, as the chain
-    kernels take them."""
+    """
+    ``(weight.t(), bias)`` of an :func:`mlp`'s linear layers from module ``first`` on, as the chain
+    kernels take them.
+    """
     return [(layer.weight.t(), layer.bias) for layer in list(net)[first::2]]
 
 
