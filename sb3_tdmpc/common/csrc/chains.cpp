@@ -39,6 +39,17 @@ void elu_layer(at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& b, a
   x = out;
 }
 
+// hidden = ELU(z @ weight_z + bias + a @ weight_a) for a block's rows: the GEMM, then the bias and the
+// action's rank-A part inside the ELU's pass (a: the block's [n, A] actions, rows contiguous).
+void first_layer_elu(const at::Tensor& z, const at::Tensor& weight_z, const float* bias, const float* a,
+                     const at::Tensor& weight_a, at::Tensor& hidden) {
+  at::mm_out(hidden, z, weight_z);
+  float* h = hidden.data_ptr<float>();
+  const int64_t width = hidden.size(1), action_dim = weight_a.size(0);
+  for (int64_t i = 0; i < hidden.size(0); ++i)
+    add_bias_elu(h + i * width, bias, width, a + i * action_dim, weight_a.const_data_ptr<float>(), action_dim);
+}
+
 void check_float(const char* op, const at::Tensor& t, int64_t dim, const char* what) {
   TORCH_CHECK(t.dim() == dim && t.scalar_type() == at::kFloat && t.device().is_cpu(), op, ": ", what, " must be a ", dim,
               "-D float32 CPU tensor");
@@ -50,7 +61,7 @@ class DynamicsReward {
  public:
   DynamicsReward(const char* op, int64_t first_width, int64_t latent_dim, at::TensorList dynamics_weights_t,
                  at::TensorList dynamics_biases, at::TensorList reward_weights_t, at::TensorList reward_biases)
-      : d_weight_(dynamics_weights_t), r_weight_(reward_weights_t) {
+      : d_weight_(dynamics_weights_t), r_weight_(reward_weights_t), first_width_(first_width) {
     const int64_t num_layers = static_cast<int64_t>(dynamics_weights_t.size());
     TORCH_CHECK(num_layers >= 1 && reward_weights_t.size() == dynamics_weights_t.size() &&
                     dynamics_biases.size() == dynamics_weights_t.size() && reward_biases.size() == reward_weights_t.size(),
@@ -74,6 +85,25 @@ class DynamicsReward {
     reward_out_ = reward_weights_t[num_hidden_].contiguous();
   }
 
+  // Each thread's blocks of rows of z_end ([rows, L], z_0 in, z_H out) through `horizon` steps:
+  // first_layer(t, start, z, hidden) fills hidden [n, 2M] with the first layers' ELU for the block's
+  // (z_t, a_t) (start: its first row), then z <- d(z_t, a_t) and value += gamma^t R(z_t, a_t).
+  template <typename FirstLayer>
+  void roll_out(int64_t horizon, double gamma, at::Tensor& z_end, at::Tensor& value, const FirstLayer& first_layer) const {
+    sb3_tdmpc::for_each_row_block(z_end.size(0), kBlockRows, [&](int64_t start, int64_t n) {
+      auto hidden = at::empty({n, first_width_}, z_end.options());
+      auto layers = buffers(n, z_end.options());
+      auto z = z_end.narrow(0, start, n);
+      float discount = 1.f;
+      for (int64_t t = 0; t < horizon; ++t) {
+        first_layer(t, start, z, hidden);
+        step(hidden, layers, z, value.data_ptr<float>() + start, discount);
+        discount *= static_cast<float>(gamma);
+      }
+    });
+  }
+
+ private:
   // A block's buffers for the hidden layers: d's, then R's.
   std::vector<at::Tensor> buffers(int64_t n, const at::TensorOptions& options) const {
     std::vector<at::Tensor> out;
@@ -98,8 +128,8 @@ class DynamicsReward {
       value[i] += discount * (dot(r_data + i * r_stride, reward_out_.const_data_ptr<float>(), r_width) + r_out_bias);
   }
 
- private:
   at::TensorList d_weight_, r_weight_;
+  int64_t first_width_;
   std::vector<at::Tensor> d_bias_, r_bias_;
   at::Tensor reward_out_;
   int64_t num_hidden_ = 0;
@@ -189,29 +219,17 @@ std::tuple<at::Tensor, at::Tensor> rollout_return(const at::Tensor& first_z_part
   auto value = at::zeros({rows, 1}, options);
   auto z_end = at::empty({rows, latent_dim}, options);
 
-  sb3_tdmpc::for_each_row_block(rows, kBlockRows, [&](int64_t start, int64_t n) {
-    auto hidden = at::empty({n, width}, options);
-    auto buffers = dynamics_reward.buffers(n, options);
-    auto z = z_end.narrow(0, start, n);
-    float* h = hidden.data_ptr<float>();
-    float discount = 1.f;
-    for (int64_t t = 0; t < horizon; ++t) {
-      const float* a = acts.const_data_ptr<float>() + (t * rows + start) * action_dim;
-      // ELU(W_z z + b + W_a a): at t = 0, W_z z_0 + b per environment; later W_z z_t by GEMM
-      if (t == 0) {
-        for (int64_t i = 0; i < n; ++i) {
-          const float* env_part = z_part.const_data_ptr<float>() + ((start + i) / num_seq) * width;
-          std::fill(h + i * width, h + (i + 1) * width, 0.f);
-          add_bias_elu(h + i * width, env_part, width, a + i * action_dim, w_a.const_data_ptr<float>(), action_dim);
-        }
-      } else {
-        at::mm_out(hidden, z, first_weight_z);
-        for (int64_t i = 0; i < n; ++i)
-          add_bias_elu(h + i * width, bias.const_data_ptr<float>(), width, a + i * action_dim, w_a.const_data_ptr<float>(),
-                       action_dim);
-      }
-      dynamics_reward.step(hidden, buffers, z, value.data_ptr<float>() + start, discount);
-      discount *= static_cast<float>(gamma);
+  dynamics_reward.roll_out(horizon, gamma, z_end, value, [&](int64_t t, int64_t start, const at::Tensor& z, at::Tensor& hidden) {
+    const float* a = acts.const_data_ptr<float>() + (t * rows + start) * action_dim;
+    if (t > 0) {
+      first_layer_elu(z, first_weight_z, bias.const_data_ptr<float>(), a, w_a, hidden);
+      return;
+    }
+    float* h = hidden.data_ptr<float>();  // t = 0: W_z z_0 + b is given per environment
+    for (int64_t i = 0; i < hidden.size(0); ++i) {
+      const float* env_part = z_part.const_data_ptr<float>() + ((start + i) / num_seq) * width;
+      std::fill(h + i * width, h + (i + 1) * width, 0.f);
+      add_bias_elu(h + i * width, env_part, width, a + i * action_dim, w_a.const_data_ptr<float>(), action_dim);
     }
   });
   return {value, z_end};
@@ -248,23 +266,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rollout(
   auto value = at::zeros({rows, 1}, options);
   auto z_end = z0.contiguous().repeat_interleave(num_seq, 0);  // each trajectory's z_0, then z_H
 
-  sb3_tdmpc::for_each_row_block(rows, kBlockRows, [&](int64_t start, int64_t n) {
-    auto hidden = at::empty({n, width}, options);
-    auto buffers = dynamics_reward.buffers(n, options);
-    auto z = z_end.narrow(0, start, n);
-    float* h = hidden.data_ptr<float>();
-    float discount = 1.f;
-    for (int64_t t = 0; t < horizon; ++t) {
-      auto action = actions.select(0, t).narrow(0, start, n);
-      pi.act(z, noise == nullptr ? nullptr : noise + (t * rows + start) * action_dim, action);
-      at::mm_out(hidden, z, first_weight_z);  // ELU(W_z z + b + W_a a)
-      const float* a = action.const_data_ptr<float>();
-      for (int64_t i = 0; i < n; ++i)
-        add_bias_elu(h + i * width, bias.const_data_ptr<float>(), width, a + i * action_dim, w_a.const_data_ptr<float>(),
-                     action_dim);
-      dynamics_reward.step(hidden, buffers, z, value.data_ptr<float>() + start, discount);
-      discount *= static_cast<float>(gamma);
-    }
+  dynamics_reward.roll_out(horizon, gamma, z_end, value, [&](int64_t t, int64_t start, const at::Tensor& z, at::Tensor& hidden) {
+    auto action = actions.select(0, t).narrow(0, start, hidden.size(0));
+    pi.act(z, noise == nullptr ? nullptr : noise + (t * rows + start) * action_dim, action);
+    first_layer_elu(z, first_weight_z, bias.const_data_ptr<float>(), action.const_data_ptr<float>(), w_a, hidden);
   });
   return {actions, value, z_end};
 }
