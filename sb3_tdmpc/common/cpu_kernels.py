@@ -111,21 +111,15 @@ def _policy_rollout_flop(
     num_seq: int,
     horizon: int,
     pi_weights_t_shapes: list[list[int]],
-    pi_biases_shapes: list[list[int]],
-    action_noise_shape: list[int] | None,
-    first_weight_z_shape: list[int],
-    first_weight_a_shape: list[int],
-    first_bias_shape: list[int],
-    dynamics_weights_t_shapes: list[list[int]],
-    dynamics_biases_shapes: list[list[int]],
-    reward_weights_t_shapes: list[list[int]],
-    *args: Any,
+    *shapes: Any,
     **kwargs: Any,
 ) -> int:
     """The matmuls of the same rollout step by step (pi, then ``WorldModel.next``'s PyTorch ops)."""
-    first_layer = [[first_weight_z_shape[0] + first_weight_a_shape[0], first_weight_z_shape[1]]]
-    layers = [pi_weights_t_shapes, first_layer, dynamics_weights_t_shapes, reward_weights_t_shapes]
-    return z0_shape[0] * num_seq * horizon * _weights_flop(*layers)
+    # shapes: pi_biases, action_noise, first_weight_z, first_weight_a, first_bias, dynamics_weights_t, ...
+    (latent_dim, width), (action_dim, _) = shapes[2], shapes[3]
+    first_layer = [[latent_dim + action_dim, width]]
+    per_row = _weights_flop(pi_weights_t_shapes, first_layer, shapes[5], shapes[7])  # pi, d's and R's
+    return z0_shape[0] * num_seq * horizon * per_row
 
 
 @register_flop_formula(th.ops.sb3_tdmpc_cpu.min_q_of_policy)
@@ -209,6 +203,11 @@ def _exclusive_build(build_directory: Path) -> Iterator[None]:
         yield
 
 
+def _weights_and_biases(layers: list[tuple[th.Tensor, th.Tensor]]) -> tuple[list[th.Tensor], list[th.Tensor]]:
+    """``(weight_t, bias)`` pairs as the ops take them: the weights, then the biases."""
+    return [weight_t for weight_t, _ in layers], [bias for _, bias in layers]
+
+
 def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     """``ELU(x @ weight_t + bias)`` for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient."""
     return th.ops.sb3_tdmpc_cpu.linear_elu(x, weight_t, bias)
@@ -264,10 +263,8 @@ def rollout_return(
         first_weight_z,
         first_weight_a,
         first_bias,
-        [weight_t for weight_t, _ in dynamics_layers],
-        [bias for _, bias in dynamics_layers],
-        [weight_t for weight_t, _ in reward_layers],
-        [bias for _, bias in reward_layers],
+        *_weights_and_biases(dynamics_layers),
+        *_weights_and_biases(reward_layers),
         gamma,
     )
 
@@ -296,16 +293,13 @@ def policy_rollout(
         z0,
         num_seq,
         horizon,
-        [weight_t for weight_t, _ in pi_layers],
-        [bias for _, bias in pi_layers],
+        *_weights_and_biases(pi_layers),
         action_noise,
         first_weight_z,
         first_weight_a,
         first_bias,
-        [weight_t for weight_t, _ in dynamics_layers],
-        [bias for _, bias in dynamics_layers],
-        [weight_t for weight_t, _ in reward_layers],
-        [bias for _, bias in reward_layers],
+        *_weights_and_biases(dynamics_layers),
+        *_weights_and_biases(reward_layers),
         gamma,
     )
 
@@ -331,8 +325,7 @@ def min_q_of_policy(
     """
     return th.ops.sb3_tdmpc_cpu.min_q_of_policy(
         z,
-        [weight_t for weight_t, _ in pi_layers],
-        [bias for _, bias in pi_layers],
+        *_weights_and_biases(pi_layers),
         action_noise,
         q_weights,
         q_biases,
