@@ -30,24 +30,23 @@ using sb3_tdmpc::layer_norm_tanh_row;
 // Rows per block: a block's [256, 1024] first hidden layer (1 MiB) and its [256, 512] layers stay in L2/L3.
 constexpr int64_t kBlockRows = 256;
 
-// x <- ELU(x @ weight_t + b), written into out ([rows of x, out features]).
-void elu_layer(at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& b, at::Tensor& out) {
+// out = ELU(x @ weight_t + bias [+ a @ weight_a]) for a block's rows: the GEMM, then the bias (and a
+// first layer's action part, a rank-A update with a: the block's [n, A] actions, rows contiguous)
+// inside the ELU's pass.
+void linear_elu_into(const at::Tensor& x, const at::Tensor& weight_t, const float* bias, at::Tensor& out,
+                     const float* a = nullptr, const at::Tensor* weight_a = nullptr) {
   at::mm_out(out, x, weight_t);
-  const int64_t rows = out.size(0), width = out.size(1);
   float* data = out.data_ptr<float>();
-  for (int64_t i = 0; i < rows; ++i) add_bias_elu(data + i * width, b.const_data_ptr<float>(), width);
-  x = out;
+  const int64_t width = out.size(1), action_dim = weight_a == nullptr ? 0 : weight_a->size(0);
+  const float* w_a = weight_a == nullptr ? nullptr : weight_a->const_data_ptr<float>();
+  for (int64_t i = 0; i < out.size(0); ++i)
+    add_bias_elu(data + i * width, bias, width, a == nullptr ? nullptr : a + i * action_dim, w_a, action_dim);
 }
 
-// hidden = ELU(z @ weight_z + bias + a @ weight_a) for a block's rows: the GEMM, then the bias and the
-// action's rank-A part inside the ELU's pass (a: the block's [n, A] actions, rows contiguous).
-void first_layer_elu(const at::Tensor& z, const at::Tensor& weight_z, const float* bias, const float* a,
-                     const at::Tensor& weight_a, at::Tensor& hidden) {
-  at::mm_out(hidden, z, weight_z);
-  float* h = hidden.data_ptr<float>();
-  const int64_t width = hidden.size(1), action_dim = weight_a.size(0);
-  for (int64_t i = 0; i < hidden.size(0); ++i)
-    add_bias_elu(h + i * width, bias, width, a + i * action_dim, weight_a.const_data_ptr<float>(), action_dim);
+// x <- ELU(x @ weight_t + b), written into out ([rows of x, out features]).
+void elu_layer(at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& b, at::Tensor& out) {
+  linear_elu_into(x, weight_t, b.const_data_ptr<float>(), out);
+  x = out;
 }
 
 void check_float(const char* op, const at::Tensor& t, int64_t dim, const char* what) {
@@ -222,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> rollout_return(const at::Tensor& first_z_part
   dynamics_reward.roll_out(horizon, gamma, z_end, value, [&](int64_t t, int64_t start, const at::Tensor& z, at::Tensor& hidden) {
     const float* a = acts.const_data_ptr<float>() + (t * rows + start) * action_dim;
     if (t > 0) {
-      first_layer_elu(z, first_weight_z, bias.const_data_ptr<float>(), a, w_a, hidden);
+      linear_elu_into(z, first_weight_z, bias.const_data_ptr<float>(), hidden, a, &w_a);
       return;
     }
     float* h = hidden.data_ptr<float>();  // t = 0: W_z z_0 + b is given per environment
@@ -269,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> policy_rollout(
   dynamics_reward.roll_out(horizon, gamma, z_end, value, [&](int64_t t, int64_t start, const at::Tensor& z, at::Tensor& hidden) {
     auto action = actions.select(0, t).narrow(0, start, hidden.size(0));
     pi.act(z, noise == nullptr ? nullptr : noise + (t * rows + start) * action_dim, action);
-    first_layer_elu(z, first_weight_z, bias.const_data_ptr<float>(), action.const_data_ptr<float>(), w_a, hidden);
+    linear_elu_into(z, first_weight_z, bias.const_data_ptr<float>(), hidden, action.const_data_ptr<float>(), &w_a);
   });
   return {actions, value, z_end};
 }
