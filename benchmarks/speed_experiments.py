@@ -37,7 +37,8 @@ rerun them.
    per-thread row blocks (``cpu_kernels.mm``), interleaved with the floor's matmul.
 7. ``eager update bound`` (``--eager-bound-rounds``): the eager update against its floor, every
    matmul of it (PyTorch's shapes: the fused kernels off) replayed back to back on fresh operands,
-   and the update at batch 8, where what remains is its cost per op (Python, autograd, dispatch).
+   and the update at batch 8, where what remains does not scale with the batch (Python's, autograd's
+   and the dispatcher's cost per op; the optimizer steps and other parameter-sized work).
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -619,7 +620,8 @@ def eager_update_bound(rounds: int) -> None:
     What the eager update's matmuls alone, and its fixed cost per call, take against its floor: every
     matmul of one update recorded (the fused CPU kernels off, so that each is an ATen call: PyTorch's
     shapes), then replayed back to back on fresh operands; and the whole update at batch 8 (a 64th of
-    its arithmetic: mostly Python's, autograd's and the dispatcher's cost per op). Each round: the
+    the batch's arithmetic: left is the cost per op of Python, autograd and the dispatcher, and the
+    parameter-sized work such as the optimizer steps). Each round: the
     floor's throughput, then the update, the replay and the batch-8 update.
     """
     cpu, timer = th.device("cpu"), speed.Timer(th.device("cpu"))
