@@ -46,6 +46,7 @@ round. Run from the repository root (compiling takes a few minutes the first tim
 
     python benchmarks/speed_experiments.py [--rounds 40] [--plan-rounds 15] [--skip-plan]
     python benchmarks/speed_experiments.py --skip-chain --variant default --variant "plain layers"
+    python benchmarks/speed_experiments.py --skip-chain --variant =eager --variant "the default"
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 300
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 20
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
@@ -406,6 +407,13 @@ def _with_patches(fn: Callable[[], None], patches: dict[str, Any]) -> Callable[[
     return call
 
 
+def is_selected(name: str, selected: list[str] | None) -> bool:
+    """Whether ``--variant`` selects ``name``: it contains one of ``selected``, or is one as ``=name``."""
+    if not selected:
+        return True
+    return any(name == part[1:] if part.startswith("=") else part in name for part in selected)
+
+
 def plan_and_update_variants(
     selected: list[str] | None = None,
 ) -> tuple[dict[str, Callable[[], Any]], dict[str, Callable[[], Any]]]:
@@ -418,7 +426,7 @@ def plan_and_update_variants(
     plans, updates = {}, {}
     eager: tuple[Callable[[], Any], Callable[[], Any]] | None = None
     for name, torch_compile, options, patches in COMPILE_SETTINGS:
-        if selected and not any(part in name for part in selected):
+        if not is_selected(name, selected):
             continue
         if torch_compile:
             plan, update = speed.plan_and_update(compiled_model(torch_compile, options), 5, obs)
@@ -678,7 +686,7 @@ def policy_step_experiment(rounds: int, selected: list[str] | None) -> None:
     models = {
         name: (compiled_model(torch_compile, options), patches)
         for name, torch_compile, options, patches in COMPILE_SETTINGS
-        if not selected or any(part in name for part in selected)
+        if is_selected(name, selected)
     }
     times: dict[str, list[float]] = {name: [] for name in models}
     for round_index in range(rounds + 2):
@@ -723,7 +731,10 @@ def main() -> None:
         help="rounds of the eager update's matmuls replayed and its batch-8 cost (0: none)",
     )
     parser.add_argument(
-        "--variant", action="append", default=None, help="plan/update variants whose name contains this"
+        "--variant",
+        action="append",
+        default=None,
+        help="plan/update variants whose name contains this (=NAME: the variant NAME alone)",
     )
     args = parser.parse_args()
     timer = speed.Timer(th.device("cpu"))
