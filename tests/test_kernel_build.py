@@ -1,4 +1,4 @@
-"""The fused CPU kernels' build: a build that was killed must not stall later processes."""
+"""The fused CPU kernels' build: a first one says so, and one that was killed must not stall later ones."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from pathlib import Path
 
 import pytest
 from torch.utils import cpp_extension
@@ -31,6 +32,19 @@ def test_a_killed_builds_lock_file_is_removed(tmp_path, monkeypatch):
         assert cpu_kernels._build()
     assert seen["directory"].startswith(str(tmp_path))
     assert not seen["lock left"]
+
+
+def test_a_first_build_says_so_and_a_built_one_is_quiet(tmp_path, monkeypatch, capsys):
+    # The build takes minutes: without a word, a first TDMPC(...) would seem to hang.
+    def fake_load(**kwargs):
+        (Path(kwargs["build_directory"]) / f"{kwargs['name']}.so").touch()
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    assert cpu_kernels._build()
+    assert "building its fused CPU kernels" in capsys.readouterr().err
+    assert cpu_kernels._build()
+    assert capsys.readouterr().err == ""
 
 
 def test_a_build_in_progress_is_waited_for(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -161,6 +162,14 @@ def _build() -> bool:
     name += {"AVX2": "_avx2", "AVX512": "_avx512"}.get(capability, "")
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build_directory = Path(root) / "sb3_tdmpc" / name
+    if not (build_directory / f"{name}.so").exists():
+        # A first build takes minutes (three C++ files at -O3): say so rather than seem to hang.
+        print(
+            f"sb3_tdmpc: building its fused CPU kernels in {build_directory} "
+            "(once per machine and torch version, a few minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         with _exclusive_build(build_directory):
             cpp_extension.load(
