@@ -39,6 +39,10 @@ rerun them.
    matmul of it (PyTorch's shapes: the fused kernels off) replayed back to back on fresh operands,
    and the update at batch 8, where what remains does not scale with the batch (Python's, autograd's
    and the dispatcher's cost per op; the optimizer steps and other parameter-sized work).
+8. ``shared first layers`` (``--first-layer-rounds``): R's and both Q members' first layers, which
+   read the same [horizon x batch, latent + action] input in the world-model step, as three narrow
+   GEMMs (as the update runs them) against one on their weights side by side: forward, input
+   gradient (three summed) and weight gradient, with what one GEMM would save against the update's floor.
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -53,6 +57,8 @@ round. Run from the repository root (compiling takes a few minutes the first tim
         --policy-step-rounds 40 --variant eager --variant "policy step" --variant default
     python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
         --tall-rounds 40
+    python benchmarks/speed_experiments.py --skip-chain --skip-plan --buffer-rounds 0 --gemm-rounds 0 \\
+        --first-layer-rounds 40
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ from sb3_tdmpc.tdmpc import policies  # noqa: E402
 from sb3_tdmpc.tdmpc.policies import elu_  # noqa: E402
 
 ROWS, WIDTH, BLOCKS = 537, 512, 5
+LATENT_DIM = 50  # the paper's (TDMPCPolicy's default)
 
 
 def chain_variants() -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
@@ -497,6 +504,44 @@ def tall_matmuls(rounds: int) -> None:
         print(f"| {name} | {statistics.median(values):.0f} | {statistics.median(values) / floor:.2f} |")
 
 
+def shared_first_layers(rounds: int) -> None:
+    """R's and Q's first layers over one input as three GEMMs (the update's) and as one (see 8.)."""
+    m, k, n = speed.MATMUL_SHAPE
+    floor_a, floor_b = th.randn(m, k), th.randn(k, n)
+    rows, width, layers = 5 * speed.BATCH, 512, 3
+    x = th.randn(rows, LATENT_DIM + speed.ACTION_DIM)
+    weights = [th.randn(x.shape[1], width) for _ in range(layers)]
+    grads = [th.randn(rows, width) for _ in range(layers)]
+    weight, grad = th.cat(weights, dim=1), th.cat(grads, dim=1)
+    cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {
+        "forward": (lambda: [x @ w for w in weights], lambda: x @ weight),
+        "input gradient": (
+            lambda: sum(g @ w.t() for g, w in zip(grads, weights, strict=True)),
+            lambda: grad @ weight.t(),
+        ),
+        "weight gradient": (lambda: [x.t() @ g for g in grads], lambda: x.t() @ grad),
+    }
+    times: dict[tuple[str, int], list[float]] = {(name, i): [] for name in cases for i in (0, 1)}
+    floor_gflops = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        th.mm(floor_a, floor_b)
+        floor_gflops.append(speed.MATMUL_FLOP / (time.perf_counter() - start) / 1e9)
+        for name, fns in cases.items():
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                times[name, i].append(time.perf_counter() - start)
+    update_floor_ms = speed.REFERENCE_GFLOP_H5["update"] / statistics.median(floor_gflops) * 1e3
+    print(f"(the update's floor: {update_floor_ms:.1f} ms)")
+    print("| pass | three GEMMs ms | one GEMM ms | one / three | saved, x the update's floor |")
+    print("|---|---|---|---|---|")
+    for name in cases:
+        three, one = (statistics.median(times[name, i]) * 1e3 for i in (0, 1))
+        saved = (three - one) / update_floor_ms
+        print(f"| {name} | {three:.2f} | {one:.2f} | {one / three:.2f} | {saved:.3f} |")
+
+
 class _GemmClock:
     """
     The time and FLOPs of every matmul that a compiled plan or update runs, as Inductor's Python
@@ -725,6 +770,12 @@ def main() -> None:
         "--tall-rounds", type=int, default=0, help="rounds of the tall matmul experiment (0: none)"
     )
     parser.add_argument(
+        "--first-layer-rounds",
+        type=int,
+        default=0,
+        help="rounds of the shared-input first layers experiment (0: none)",
+    )
+    parser.add_argument(
         "--eager-bound-rounds",
         type=int,
         default=0,
@@ -759,6 +810,10 @@ def main() -> None:
     if args.tall_rounds > 0:
         print("\ntall matmuls: [rows, 512] x [512, 512], ATen against per-thread row blocks")
         tall_matmuls(args.tall_rounds)
+
+    if args.first_layer_rounds > 0:
+        print("\nR's and Q's first layers on one [2560, 54] input: three GEMMs against one")
+        shared_first_layers(args.first_layer_rounds)
 
     if args.eager_bound_rounds > 0:
         print("\neager update: its matmuls alone and its fixed cost, against the floor (horizon 5)")
