@@ -508,7 +508,7 @@ def shared_first_layers(rounds: int) -> None:
     """R's and Q's first layers over one input as three GEMMs (the update's) and as one (see 8.)."""
     m, k, n = speed.MATMUL_SHAPE
     floor_a, floor_b = th.randn(m, k), th.randn(k, n)
-    rows, width, layers = 5 * speed.BATCH, 512, 3
+    rows, width, layers = 5 * speed.BATCH, WIDTH, 3
     x = th.randn(rows, LATENT_DIM + speed.ACTION_DIM)
     weights = [th.randn(x.shape[1], width) for _ in range(layers)]
     grads = [th.randn(rows, width) for _ in range(layers)]
