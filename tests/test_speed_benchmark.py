@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from sb3_tdmpc.common import cpu_kernels
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,3 +37,15 @@ def test_speed_benchmark_writes_every_measurement(tmp_path):
     assert abs(sum(loop["share"].values()) - 1) < 1e-6
     assert results["memory"]["peak_rss_mib"] > 0
     assert "| plan | 1 |" in run.stdout and "agent steps/s" in run.stdout
+
+
+def test_speed_experiments_run(tmp_path):
+    # The experiments that need no torch.compile, one round each: every table is printed.
+    command = [sys.executable, "benchmarks/speed_experiments.py", "--skip-chain", "--skip-plan"]
+    command += ["--buffer-rounds", "2", "--gemm-rounds", "0", "--tall-rounds", "1"]
+    command += ["--first-layer-rounds", "1", "--eager-bound-rounds", "1"]
+    run = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    tables = ["| update (this package) |", "| input gradient |", "| its 118 matmuls alone"]
+    tables += ["| floor (536 x 512 x 512) |"] if cpu_kernels.load() else []  # the tall matmuls' (row blocks)
+    for table in tables:
+        assert table in run.stdout
