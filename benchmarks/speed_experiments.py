@@ -330,6 +330,22 @@ FIRST_LAYER_BY_ADDMM = {"first_layer_norm_tanh": _first_layer_norm_tanh_by_addmm
 # The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
 UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
+
+class _LinearELUInRowBlocks:
+    """``cpu_kernels`` with ``linear_elu`` over 1024 rows or more in 128-row blocks per thread."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(cpu_kernels, name)
+
+    @staticmethod
+    def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
+        return cpu_kernels.linear_elu(x, weight_t, bias, block_rows=128)
+
+
+# The update's Linear-ELU layers in 128-row blocks per thread, each block's GEMM and ELU in L2, instead of
+# one GEMM per thread over its rows (the default).
+LINEAR_ELU_IN_ROW_BLOCKS = {"cpu_kernels": _LinearELUInRowBlocks()}
+
 # The planner's rollout and min Q(z, pi(z)) (and the TD targets') layer by layer, each layer's kernels
 # over both threads, not each thread through the whole chain (``rollout_return``, ``min_q_of_policy``).
 CHAINS_LAYER_BY_LAYER = {"chain_kernels_apply": _never}
@@ -347,6 +363,7 @@ COMPILE_SETTINGS = [
     ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
     ("eager, Q's LayerNorm-tanh by PyTorch ops", False, None, NO_LAYER_NORM_TANH_KERNEL),
     ("eager, input gradients by one matmul (no row blocks)", False, None, UNBLOCKED_INPUT_GRADIENTS),
+    ("eager, Linear-ELU in 128-row blocks per thread", False, None, LINEAR_ELU_IN_ROW_BLOCKS),
     ("eager, ELU and LayerNorm-tanh backward passes by ATen", False, None, ATEN_BACKWARD_PASSES),
     ("eager, Q's first layer in the policy step by addmm", False, None, FIRST_LAYER_BY_ADDMM),
     ("eager, chains layer by layer (no per-thread chains)", False, None, CHAINS_LAYER_BY_LAYER),

@@ -588,6 +588,8 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
         assert flops.get_flop_counts()["Global"] == {th.ops.sb3_tdmpc_cpu.linear_elu: 2 * rows * 24 * 40}
         expected = F.elu(x @ weight_t + bias)
         assert close(fused, expected)
+        with th.no_grad():  # over 1024 rows, each thread's rows in one call (the default) or in blocks
+            assert close(cpu_kernels.linear_elu(x, weight_t, bias, block_rows=128), expected)
         upstream = th.randn(rows, 40, generator=gen)
         with FlopCounterMode(display=False) as flops:
             got = gradients((fused * upstream).sum(), [x, weight, bias])

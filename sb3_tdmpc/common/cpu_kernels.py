@@ -35,7 +35,7 @@ _loaded: bool | None = None  # None: not tried yet
 # The ops' schemas and FLOP counts exist from import on (a FlopCounterMode entered before the build
 # counts them too); the C++ sources register their CPU kernels when built.
 _LIBRARY = th.library.Library("sb3_tdmpc_cpu", "DEF")
-_LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias) -> Tensor")
+_LIBRARY.define("linear_elu(Tensor x, Tensor weight_t, Tensor bias, int block_rows=0) -> Tensor")
 _LIBRARY.define("mm(Tensor x, Tensor weight) -> Tensor")
 _LIBRARY.define("elu_backward_bias_grad(Tensor grad, Tensor out) -> (Tensor, Tensor)")
 _LIBRARY.define(
@@ -217,9 +217,14 @@ def _weights_and_biases(layers: list[tuple[th.Tensor, th.Tensor]]) -> tuple[list
     return [weight_t for weight_t, _ in layers], [bias for _, bias in layers]
 
 
-def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
-    """``ELU(x @ weight_t + bias)`` for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient."""
-    return th.ops.sb3_tdmpc_cpu.linear_elu(x, weight_t, bias)
+def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor, block_rows: int = 0) -> th.Tensor:
+    """
+    ``ELU(x @ weight_t + bias)`` for a 2-D float32 CPU ``x`` (needs :func:`load`), no gradient.
+
+    :param block_rows: Over 1024 rows or more, each thread's rows in blocks of about this many (0: one
+        block per thread, the measured default; benchmarks/speed_experiments.py times 128)
+    """
+    return th.ops.sb3_tdmpc_cpu.linear_elu(x, weight_t, bias, block_rows)
 
 
 def mm(x: th.Tensor, weight: th.Tensor) -> th.Tensor:

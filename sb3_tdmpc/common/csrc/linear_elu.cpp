@@ -1,11 +1,12 @@
 // ELU(x @ weight_t + bias), and x @ w, on CPU. Below 512 rows per thread (the planner's layers), MKL's
 // GEMM with its own threads, then for linear_elu the bias and the ELU in one vectorised pass while the
 // product is still in cache. From there on (the update's horizon x batch), each thread multiplies its
-// own rows (MKL's GEMM, single-threaded inside the parallel region): linear_elu in blocks of 128 rows,
-// applying the bias and the ELU to each block in L2, mm in one call per thread. On the AMD EPYC VM
-// (Nov 30) MKL's two-thread GEMM ran those tall shapes about 15% slower per FLOP than on such blocks;
-// on the Intel Xeon (Dec 1) as fast as mm. docs/performance.md measures it; tests/test_equivalence.py
-// checks it.
+// own share of the rows in one MKL call (single-threaded inside the parallel region, so MKL packs the
+// weight once per thread), and linear_elu then applies the bias and the ELU to those rows. With
+// block_rows > 0, linear_elu splits each share into blocks of about that many rows, each multiplied and
+// activated while in L2: 128 was its choice on the AMD EPYC VM (L2 512 KiB); on the Intel Xeon model
+// 207 one call per thread made the whole update 2.5% faster. docs/performance.md measures it;
+// tests/test_equivalence.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,19 +22,19 @@ namespace {
 
 using sb3_tdmpc::add_bias_elu;
 
-// Rows per block: a [128, 512] float block (256 KiB) stays in the 512 KiB L2 between the GEMM and the ELU.
-constexpr int64_t kBlockRows = 128;
-// From this many rows per thread on, row blocks per thread; below, MKL's threads (measured: docs).
+// From this many rows per thread on, each thread's own rows; below, MKL's threads (measured: docs).
 constexpr int64_t kBlockedFromRowsPerThread = 512;
 
 // Whether `rows` are many enough for each thread's own row blocks.
 bool row_blocked(int64_t rows) { return rows >= at::get_num_threads() * kBlockedFromRowsPerThread; }
 
-// out = input @ weight, each thread over its own blocks of about kBlockRows rows, then
-// `epilogue(block_data, block_rows)` on each block in L2.
+// out = input @ weight, each thread over its own rows, in blocks of about block_rows rows (<= 0: one
+// block per thread), then `epilogue(block_data, block_rows)` on each block.
 template <typename Epilogue>
-void row_blocked_mm_out(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, const Epilogue& epilogue) {
-  sb3_tdmpc::for_each_row_block(input.size(0), kBlockRows, [&](int64_t start, int64_t n) {
+void row_blocked_mm_out(const at::Tensor& input, const at::Tensor& weight, at::Tensor& out, int64_t block_rows,
+                        const Epilogue& epilogue) {
+  const int64_t rows = input.size(0);
+  sb3_tdmpc::for_each_row_block(rows, block_rows > 0 ? block_rows : rows, [&](int64_t start, int64_t n) {
     auto out_block = out.narrow(0, start, n);
     at::mm_out(out_block, input.narrow(0, start, n), weight);
     epilogue(out_block.data_ptr<float>(), n);
@@ -46,7 +47,7 @@ void check_matmul(const char* name, const at::Tensor& x, const at::Tensor& weigh
   TORCH_CHECK(x.size(1) == weight.size(0), name, ": shapes do not match");
 }
 
-at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias) {
+at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& bias, int64_t block_rows) {
   check_matmul("linear_elu", x, weight_t);
   TORCH_CHECK(bias.dim() == 1 && bias.scalar_type() == at::kFloat && weight_t.size(1) == bias.size(0),
               "linear_elu: bias [M], float32");
@@ -59,7 +60,7 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
     for (int64_t row = 0; row < n; ++row) add_bias_elu(data + row * width, bias_ptr, width);
   };
   if (row_blocked(rows)) {
-    row_blocked_mm_out(input, weight_t, out, add_bias_elu_rows);
+    row_blocked_mm_out(input, weight_t, out, block_rows, add_bias_elu_rows);
     return out;
   }
   {
@@ -72,8 +73,7 @@ at::Tensor linear_elu(const at::Tensor& x, const at::Tensor& weight_t, const at:
 }
 
 // x @ weight: MKL's GEMM; over many rows (the backward's input gradients) each thread multiplies its own
-// share of the rows in one call (no epilogue to keep in cache, so one block: MKL packs the weight once
-// per thread, not once per 128 rows).
+// share of the rows in one call.
 at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   check_matmul("mm", x, weight);
   if (!row_blocked(x.size(0))) {
@@ -82,10 +82,7 @@ at::Tensor mm(const at::Tensor& x, const at::Tensor& weight) {
   }
   const auto input = x.stride(1) == 1 ? x : x.contiguous();
   auto out = at::empty({input.size(0), weight.size(1)}, input.options());
-  sb3_tdmpc::for_each_row_block(input.size(0), input.size(0), [&](int64_t start, int64_t n) {
-    auto out_block = out.narrow(0, start, n);
-    at::mm_out(out_block, input.narrow(0, start, n), weight);
-  });
+  row_blocked_mm_out(input, weight, out, 0, [](float*, int64_t) {});
   return out;
 }
 
