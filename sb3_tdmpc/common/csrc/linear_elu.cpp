@@ -5,8 +5,8 @@
 // weight once per thread), and linear_elu then applies the bias and the ELU to those rows. With
 // block_rows > 0, linear_elu splits each share into blocks of about that many rows, each multiplied and
 // activated while in L2: 128 was its choice on the AMD EPYC VM (L2 512 KiB); on the Intel Xeon model
-// 207 one call per thread made the whole update 2.5% faster. docs/performance.md measures it;
-// tests/test_equivalence.py checks it.
+// 207, interleaved, 128-row blocks made the whole update 1%-2% slower than one call per thread.
+// docs/performance.md measures it; tests/test_equivalence.py checks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
