@@ -18,11 +18,12 @@ rerun them.
    each against variants without one of the choices that ``TDMPCPolicy.compiled`` and ``policies``
    make on CPU: Inductor's ``cpp_wrapper`` (kernels launched from generated C++ instead of
    Python: a planner iteration runs about 100 kernels); FMA contraction in Inductor's kernels; the
-   compiled-CPU layer shapes (bias in the fused kernel, one-output layers as reductions, 512-row
-   matmul blocks, polynomial exp, ELU backward from its output, the action's part of a first layer
-   as fused terms, weight gradients in the weight's own layout, a one-output layer's weight gradient
-   as a matmul), and, eager and compiled, the policy prior step's Q backward over only the rows that
-   min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function instead of Inductor's sigmoid;
+   compiled-CPU layer shapes (bias in the fused kernel, one-output layers as reductions, matmuls
+   whole rather than in 512-row blocks, polynomial exp, ELU backward from its output, the action's
+   part of a first layer as fused terms, weight gradients in the weight's own layout, a one-output
+   layer's weight gradient as a matmul), and, eager and compiled, the policy prior step's Q backward
+   over only the rows that min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function
+   instead of Inductor's sigmoid;
    eager, the fused CPU kernels (``cpu_kernels``) switched back to PyTorch ops, all or one at a time,
    the chains layer by layer and the planner's policy prior trajectories step by step.
 
@@ -240,8 +241,8 @@ def _never(x: th.Tensor) -> bool:
 
 
 # The compiled-CPU layer shapes of ``policies`` switched off: with ``_compiling_for_cpu`` always
-# false, every layer is traced as the straightforward ``addmm``/``addmv``, ``exp`` and unblocked
-# matmul (no ``affine`` shapes, ``_exp``); ELU's backward from its output (``_ELU``, eager's too) and
+# false, every layer is traced as the straightforward ``addmm``/``addmv`` and ``exp`` (no ``affine``
+# shapes, ``_exp``); ELU's backward from its output (``_ELU``, eager's too) and
 # the policy prior step's frozen Q backward (``_FrozenQMember``) stay.
 PLAIN_LAYERS = {"_compiling_for_cpu": _never}
 
@@ -346,6 +347,37 @@ class _LinearELUInRowBlocks:
 # one GEMM per thread over its rows (the default).
 LINEAR_ELU_IN_ROW_BLOCKS = {"cpu_kernels": _LinearELUInRowBlocks()}
 
+
+def _row_blocked_mm(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
+    return th.cat([th.mm(block, weight) for block in x.split(512)])
+
+
+class _RowBlockedMatmul(th.autograd.Function):
+    """``policies._Matmul`` with the forward and the input gradient in 512-row blocks."""
+
+    @staticmethod
+    def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+        ctx.save_for_backward(x, weight_t)
+        return _row_blocked_mm(x, weight_t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
+        return policies._matmul_backward(ctx.needs_input_grad, grad, *ctx.saved_tensors)
+
+
+_MATMUL = policies.matmul
+
+
+def _row_blocked_matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
+    if policies._compiling_for_cpu(x) and x.shape[0] >= 1024:
+        return _row_blocked_mm(x, weight)
+    return _MATMUL(x, weight)
+
+
+# The compiled update's matmuls over 1024 rows or more (forward and input gradient) in 512-row blocks,
+# as until the commit that ran them whole (they measured faster on the AMD EPYC VM, slower on the Intel Xeon).
+ROW_BLOCKED_MATMULS = {"_Matmul": _RowBlockedMatmul, "matmul": _row_blocked_matmul}
+
 # The planner's rollout and min Q(z, pi(z)) (and the TD targets') layer by layer, each layer's kernels
 # over both threads, not each thread through the whole chain (``rollout_return``, ``min_q_of_policy``).
 CHAINS_LAYER_BY_LAYER = {"chain_kernels_apply": _never}
@@ -378,7 +410,7 @@ COMPILE_SETTINGS = [
         {},
     ),
     (
-        "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp, no row blocks)",
+        "compiled, plain layers (addmm, N=1 GEMMs, Sleef exp)",
         True,
         None,
         PLAIN_LAYERS,
@@ -386,6 +418,7 @@ COMPILE_SETTINGS = [
     ("compiled, Q backward over all rows in the policy step", True, None, ALL_ROWS),
     ("compiled, Q by autograd in the policy step", True, None, Q_BY_AUTOGRAD),
     ("compiled, tanh as 2 sigmoid(2x) - 1", True, None, SIGMOID_TANH),
+    ("compiled, matmuls over many rows in 512-row blocks", True, None, ROW_BLOCKED_MATMULS),
     ("compiled, one-output layers' weight gradient as a column reduction", True, None, COLUMN_REDUCTION),
     ("compiled (cpp_wrapper=True on CPU, the default)", True, None, {}),
 ]

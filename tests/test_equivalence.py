@@ -775,13 +775,13 @@ def test_compiled_paths_give_the_eager_results():
 
 @pytest.mark.slow
 def test_compiled_layers_match_plain_ones_on_large_batches():
-    """The compiled CPU layers (bias in the fused kernel, row-blocked matmul, narrow inputs as fused
-    terms, polynomial exp, ELU backward from its output, one-output layers as reductions, weight
-    gradients in the weight's own layout): F.linear/F.elu values and gradients."""
+    """The compiled CPU layers over many rows (bias in the fused kernel, narrow inputs as fused terms,
+    polynomial exp, ELU backward from its output, one-output layers as reductions, weight gradients
+    in the weight's own layout): F.linear/F.elu values and gradients."""
     from sb3_tdmpc.tdmpc.policies import add_narrow_matmul, affine, elu_
 
     gen = th.Generator().manual_seed(0)
-    x = th.randn(1100, 24, generator=gen).requires_grad_(True)  # 3 row blocks of at most 512
+    x = th.randn(1100, 24, generator=gen).requires_grad_(True)  # over 1024 rows: the update's layers
     a = th.randn(1100, 3, generator=gen).requires_grad_(True)
     w1, w_a = th.randn(24, 16, generator=gen) / 5, th.randn(3, 16, generator=gen) / 5  # [in, out], as Q's
     w2 = th.randn(20, 16, generator=gen) / 4  # [out, in], as nn.Linear's: used transposed

@@ -122,8 +122,9 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
 #   the bias into its whole output: one more pass over memory per layer);
 # * a one-output layer (reward, Q) is a row reduction fused with the ELU before it, not an N=1 GEMM,
 #   and its weight gradient a one-row matmul, not Inductor's column reduction (_RowDot);
-# * matmuls over many rows (the update's horizon x batch) run in blocks of _ROW_BLOCK rows, which
-#   MKL runs faster per FLOP here; the weight gradient stays one matmul, in the weight's own layout;
+# * a matmul over the update's many rows (horizon x batch) gives its weight gradient in the weight's
+#   own layout (_Matmul; AccumulateGrad copies any other); it runs whole, not in 512-row blocks, which
+#   the AMD EPYC VM ran faster and the Intel Xeon model 207 5% slower in the compiled update;
 # * ELU's exp is Cody-Waite range reduction and Cephes' polynomial in plain elementwise ops (within
 #   2 ulp, tested; Inductor otherwise calls Sleef's 1-ulp exp), and its backward reads the output
 #   (ATen's, as eager), instead of recomputing the exp; tanh is a rational function, no exp at all.
@@ -201,8 +202,8 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     if not compiling:
         return th.addmm(bias, x, weight_t)
     rows = x.shape[:-1].numel()
-    if rows >= 2 * _ROW_BLOCK:
-        product = _RowBlockedMatmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
+    if rows >= 2 * _ROW_BLOCK:  # the update's: weight gradients in the weights' layout
+        product = _Matmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
         return add_bias(product, bias).reshape(*x.shape[:-1], weight_t.shape[1])
     return add_bias(th.matmul(x, weight_t), bias)
 
@@ -251,18 +252,17 @@ def add_narrow_matmul(base: th.Tensor, x: th.Tensor, weight_t: th.Tensor) -> th.
     return th.addmm(base, x, weight_t)
 
 
-class _RowBlockedMatmul(th.autograd.Function):
+class _Matmul(th.autograd.Function):
     """
-    ``x @ w`` with ``x`` and the input gradient in blocks of :data:`_ROW_BLOCK` rows: on CPU, MKL
-    runs a [512, 512] x [512, 512] matmul faster per FLOP than a [2560, 512] one. The weight gradient
-    (``x^T g``, long inner dimension) is one matmul. Traced by torch.compile (the blocks concatenate
-    inside the next fused kernel).
+    ``x @ weight_t`` (2-D) whose weight gradient comes in ``weight_t``'s own layout
+    (:func:`_matmul_backward`), where autograd's would need a copy into the parameter's. Traced by
+    torch.compile (the compiled update's layers).
     """
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
         ctx.save_for_backward(x, weight_t)
-        return _row_blocked_mm(x, weight_t)
+        return th.mm(x, weight_t)
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
@@ -285,19 +285,13 @@ def _matmul_backward(
     return grad_x, grad_w
 
 
-def _row_blocked_mm(x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
-    return th.cat([th.mm(block, weight_t) for block in x.split(_ROW_BLOCK)])
-
-
 def matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
     """
-    ``x @ weight`` (2-D), on CPU over many rows in row blocks: eager, each thread's own (the C++
-    kernel's, where it builds); compiled, :data:`_ROW_BLOCK`-row matmuls (eager, their ``cat`` would copy).
+    ``x @ weight`` (2-D); eager on CPU over many rows, each thread over its own rows (the C++ kernel's,
+    where it builds).
     """
     if cpu_kernels_apply(x):
         return cpu_kernels.mm(x, weight)
-    if _compiling_for_cpu(x) and x.shape[0] >= 2 * _ROW_BLOCK:
-        return _row_blocked_mm(x, weight)
     return th.mm(x, weight)
 
 
