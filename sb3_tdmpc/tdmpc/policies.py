@@ -130,7 +130,8 @@ def _elu_inplace(x: th.Tensor) -> th.Tensor:
 #   (ATen's, as eager), instead of recomputing the exp; tanh is a rational function, no exp at all.
 # docs/performance.md measures each; tests/test_equivalence.py checks compiled against eager.
 
-_ROW_BLOCK = 512
+_ROW_BLOCK = 512  # the policy prior step's frozen Q backward, over the reached rows
+_MANY_ROWS = 1024  # a compiled layer over this many rows or more is the update's (horizon x batch)
 _LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's, as TD-MPC's Q
 _LOG2E, _LN2_HI, _LN2_LO = 1.4426950408889634, 0.693359375, -2.12194440e-4
 _EXP_POLY = (  # Cephes' expf, in ascending powers
@@ -202,7 +203,7 @@ def affine(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
     if not compiling:
         return th.addmm(bias, x, weight_t)
     rows = x.shape[:-1].numel()
-    if rows >= 2 * _ROW_BLOCK:  # the update's: weight gradients in the weights' layout
+    if rows >= _MANY_ROWS:  # the update's: weight gradients in the weights' layout
         product = _Matmul.apply(x.reshape(rows, x.shape[-1]), weight_t)
         return add_bias(product, bias).reshape(*x.shape[:-1], weight_t.shape[1])
     return add_bias(th.matmul(x, weight_t), bias)
