@@ -163,10 +163,10 @@ def _build() -> bool:
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
     build_directory = Path(root) / "sb3_tdmpc" / name
     if not (build_directory / f"{name}.so").exists():
-        # A first build takes minutes (three C++ files at -O3): say so rather than seem to hang.
+        # A first build (three C++ files at -O3) takes a while: say so rather than seem to hang.
         print(
             f"sb3_tdmpc: building its fused CPU kernels in {build_directory} "
-            "(once per machine and torch version, a few minutes)",
+            "(once per machine and torch version)",
             file=sys.stderr,
             flush=True,
         )
