@@ -659,7 +659,11 @@ class QEnsemble(nn.Module):
         :param action: Actions ``[..., action_dim]``
         :return: Q-values ``[num_q, ..., 1]``
         """
-        (w1, w2, w3), (b1, b2, b3) = self.weights, self.biases
+        # Each stacked parameter unbound once: its backward is one stack, where indexing member by member
+        # would allocate a zeroed copy of the whole stack per member and sum them.
+        w1, w2, w3 = (weight.unbind(0) for weight in self.weights)
+        vectors = (*self.biases, self.norm_weight, self.norm_bias)
+        b1, b2, b3, norm_weight, norm_bias = (vector.view(self.num_q, -1).unbind(0) for vector in vectors)
         batch_shape = th.broadcast_shapes(z.shape[:-1], action.shape[:-1])
         latent_dim = z.shape[-1]
         z = z.expand(*batch_shape, latent_dim).reshape(-1, latent_dim)
@@ -671,22 +675,21 @@ class QEnsemble(nn.Module):
         # Member by member: on CPU two [N, hidden] matmul chains run faster than one batched (bmm)
         # chain, most of all backward (docs/performance.md).
         # The policy prior's step on CPU (Q frozen): each member's backward over the rows min(Q1, Q2) reaches.
-        frozen = split and not w1.requires_grad and z.device.type == "cpu"
+        frozen = split and not self.weights[0].requires_grad and z.device.type == "cpu"
         values = []
         for q in range(self.num_q):
             if split:
-                w_z, w_a = w1[q, :latent_dim], w1[q, latent_dim:]
+                w_z, w_a = w1[q].split([latent_dim, w1[q].shape[0] - latent_dim])
                 if frozen:
-                    norm = self.norm_weight[q, 0], self.norm_bias[q, 0]
-                    first = matmul(z, w_z), b1[q, 0], action, w_a, *norm
-                    values.append(_FrozenQMember.apply(*first, w2[q], b2[q, 0], w3[q], b3[q, 0]))
+                    first = matmul(z, w_z), b1[q], action, w_a, norm_weight[q], norm_bias[q]
+                    values.append(_FrozenQMember.apply(*first, w2[q], b2[q], w3[q], b3[q]))
                     continue
-                h = add_narrow_matmul(affine(z, w_z, b1[q, 0]), action, w_a)
+                h = add_narrow_matmul(affine(z, w_z, b1[q]), action, w_a)
             else:
-                h = affine(x, w1[q], b1[q, 0])
-            h = layer_norm_tanh(h, self.norm_weight[q, 0], self.norm_bias[q, 0])
-            h = affine_elu(h, w2[q], b2[q, 0])
-            values.append(affine(h, w3[q], b3[q, 0]))
+                h = affine(x, w1[q], b1[q])
+            h = layer_norm_tanh(h, norm_weight[q], norm_bias[q])
+            h = affine_elu(h, w2[q], b2[q])
+            values.append(affine(h, w3[q], b3[q]))
         return th.stack(values).reshape(self.num_q, *batch_shape, 1)
 
 
