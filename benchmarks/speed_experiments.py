@@ -22,8 +22,9 @@ rerun them.
    whole rather than in 512-row blocks, polynomial exp, ELU backward from its output, the action's
    part of a first layer as fused terms, weight gradients in the weight's own layout, a one-output
    layer's weight gradient as a matmul), and, eager and compiled, the policy prior step's Q backward
-   over only the rows that min(Q1, Q2)'s gradient reaches, and Q's tanh as a rational function
-   instead of Inductor's sigmoid;
+   over only the rows that min(Q1, Q2)'s gradient reaches, a narrow layer's weight gradient computed
+   with its narrow side as rows (then copied into the weight's layout), and Q's tanh as a rational
+   function instead of Inductor's sigmoid;
    eager, the fused CPU kernels (``cpu_kernels``) switched back to PyTorch ops, all or one at a time,
    the chains layer by layer and the planner's policy prior trajectories step by step.
 
@@ -44,6 +45,10 @@ rerun them.
    read the same [horizon x batch, latent + action] input in the world-model step, as three narrow
    GEMMs (as the update runs them) against one on their weights side by side: forward, input
    gradient (three summed) and weight gradient, with what one GEMM would save against the update's floor.
+9. ``first layers' weight gradients`` (``--weight-gradient-rounds``): the update's first layers' (encoder,
+   d, R, pi; narrow inputs) weight gradients as ``grad^T x`` in the nn.Linear weight's layout and as
+   ``x^T grad`` with the narrow side as rows, then copied into that layout (``policies._weight_gradient``),
+   and what the second saves per update against the update's floor.
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
 touches them all), and reported as the median ratio to the matmul floor measured in the same
@@ -378,6 +383,16 @@ def _row_blocked_matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
 # as until the commit that ran them whole (they measured faster on the AMD EPYC VM, slower on the Intel Xeon).
 ROW_BLOCKED_MATMULS = {"_Matmul": _RowBlockedMatmul, "matmul": _row_blocked_matmul}
 
+
+def _weight_gradient_in_own_layout(grad: th.Tensor, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    """A weight gradient as the product in the weight's own layout, whatever its shape (the old rule)."""
+    column_major = weight_t.stride(0) < weight_t.stride(1)
+    return th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
+
+
+# Every weight gradient in the weight's own layout, a first layer's as a [512, 54]-like product.
+LAID_OUT_WEIGHT_GRADIENTS = {"_weight_gradient": _weight_gradient_in_own_layout}
+
 # The planner's rollout and min Q(z, pi(z)) (and the TD targets') layer by layer, each layer's kernels
 # over both threads, not each thread through the whole chain (``rollout_return``, ``min_q_of_policy``).
 CHAINS_LAYER_BY_LAYER = {"chain_kernels_apply": _never}
@@ -402,6 +417,7 @@ COMPILE_SETTINGS = [
     ("eager, policy trajectories step by step", False, None, POLICY_TRAJECTORIES_STEP_BY_STEP),
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
+    ("eager, narrow layers' weight gradients as laid out", False, None, LAID_OUT_WEIGHT_GRADIENTS),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),
     (
         "compiled, no FMA contraction",
@@ -420,6 +436,7 @@ COMPILE_SETTINGS = [
     ("compiled, tanh as 2 sigmoid(2x) - 1", True, None, SIGMOID_TANH),
     ("compiled, matmuls over many rows in 512-row blocks", True, None, ROW_BLOCKED_MATMULS),
     ("compiled, one-output layers' weight gradient as a column reduction", True, None, COLUMN_REDUCTION),
+    ("compiled, narrow layers' weight gradients as laid out", True, None, LAID_OUT_WEIGHT_GRADIENTS),
     ("compiled (cpp_wrapper=True on CPU, the default)", True, None, {}),
 ]
 
@@ -593,6 +610,55 @@ def shared_first_layers(rounds: int) -> None:
         three, one = (statistics.median(times[name, i]) * 1e3 for i in (0, 1))
         saved = (three - one) / update_floor_ms
         print(f"| {name} | {three:.2f} | {one:.2f} | {one / three:.2f} | {saved:.3f} |")
+
+
+# The update's first layers (nn.Linear weights, [out, in] with in narrow): rows of their input x and
+# how many times per update their weight gradient is computed (d runs once per step of the horizon).
+FIRST_LAYERS = {
+    "encoder (z_0), 39 -> 256": (speed.BATCH, speed.OBS_DIM, 256, 1),
+    "d, 54 -> 512, per step": (speed.BATCH, LATENT_DIM + speed.ACTION_DIM, 512, 5),
+    "R, 54 -> 512": (5 * speed.BATCH, LATENT_DIM + speed.ACTION_DIM, 512, 1),
+    "pi (policy step), 50 -> 512": (6 * speed.BATCH, LATENT_DIM, 512, 1),
+}
+
+
+def first_layer_weight_gradients(rounds: int) -> None:
+    """
+    The update's first layers' weight gradients as ``grad^T x`` (``[out, in]``: the nn.Linear weight's
+    own layout) and as ``x^T grad`` (``[in, out]``, the narrow side as rows) then copied into that layout
+    (``policies._weight_gradient``), in turn with the floor's matmul, round after round (see 9.).
+    """
+    m, k, n = speed.MATMUL_SHAPE
+    floor_a, floor_b = th.randn(m, k), th.randn(k, n)
+    forms = {
+        "grad^T x": lambda g, x: th.mm(g.t(), x),
+        "x^T grad, copied": lambda g, x: th.mm(x.t(), g).t().contiguous(),
+    }
+    cases: dict[str, Callable[[], Any]] = {"floor": lambda: th.mm(floor_a, floor_b)}
+    for layer, (rows, n_in, n_out, _) in FIRST_LAYERS.items():
+        x, g = th.randn(rows, n_in), th.randn(rows, n_out)
+        for form, product in forms.items():
+            cases[f"{layer}: {form}"] = lambda product=product, g=g, x=x: product(g, x)
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for fn in cases.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    floor_seconds = statistics.median(times["floor"])
+    floor_gflops = 2 * m * k * n / floor_seconds / 1e9
+    update_floor = speed.REFERENCE_GFLOP_H5["update"] / floor_gflops
+    print("| weight gradient | ms (median) | x the floor's GFLOP/s |\n|---|---|---|")
+    saved = 0.0
+    for layer, (rows, n_in, n_out, count) in FIRST_LAYERS.items():
+        medians = [statistics.median(times[f"{layer}: {form}"]) for form in forms]
+        for form, seconds in zip(forms, medians, strict=True):
+            throughput = 2 * rows * n_in * n_out / seconds / 1e9
+            print(f"| {layer}: {form} | {seconds * 1e3:.3f} | {throughput / floor_gflops:.2f} |")
+        saved += count * (medians[0] - medians[1])
+    print(f"\nper update: {saved * 1e3:.2f} ms saved, {saved / update_floor:.4f}x of the update's floor")
 
 
 class _GemmClock:
@@ -829,6 +895,12 @@ def main() -> None:
         help="rounds of the shared-input first layers experiment (0: none)",
     )
     parser.add_argument(
+        "--weight-gradient-rounds",
+        type=int,
+        default=0,
+        help="rounds of the first layers' weight gradient experiment (0: none)",
+    )
+    parser.add_argument(
         "--eager-bound-rounds",
         type=int,
         default=0,
@@ -867,6 +939,10 @@ def main() -> None:
     if args.first_layer_rounds > 0:
         print("\nR's and Q's first layers on one [2560, 54] input: three GEMMs against one")
         shared_first_layers(args.first_layer_rounds)
+
+    if args.weight_gradient_rounds > 0:
+        print("\nfirst layers' weight gradients: in the weight's layout, or with the narrow side as rows")
+        first_layer_weight_gradients(args.weight_gradient_rounds)
 
     if args.eager_bound_rounds > 0:
         print("\neager update: its matmuls alone and its fixed cost, against the floor (horizon 5)")

@@ -565,6 +565,22 @@ def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
     assert all(close(a, b) for a, b in zip(*gradients_per_run, strict=True))
 
 
+@pytest.mark.parametrize("n_in, n_out", [(54, 512), (512, 50), (64, 64), (512, 4)])
+@pytest.mark.parametrize("column_major", [True, False])
+def test_weight_gradient_is_x_t_grad_in_the_weights_layout(n_in, n_out, column_major):
+    """
+    A layer's weight gradient ``x^T grad``, computed with its narrow side as rows whatever the weight's
+    layout, arrives with the weight's own strides (an nn.Linear weight's ``weight.t()``, or Q's
+    ``[in, out]``).
+    """
+    th.manual_seed(0)
+    x, grad = th.randn(300, n_in), th.randn(300, n_out)
+    weight_t = th.randn(n_out, n_in).t() if column_major else th.randn(n_in, n_out)
+    result = policies._weight_gradient(grad, x, weight_t)
+    assert result.stride() == weight_t.stride()
+    assert close(result, x.double().t().mm(grad.double()).float(), atol=1e-4)  # sums of 300 products
+
+
 @pytest.mark.parametrize("rows", [1, 37, 2600])  # 2600: each thread's own row blocks
 def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
     """The fused CPU kernels: F.elu(F.linear) values, gradients (weights' in their own layout), FLOPs."""

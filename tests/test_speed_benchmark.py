@@ -43,9 +43,10 @@ def test_speed_experiments_run(tmp_path):
     # The experiments that need no torch.compile, one round each: every table is printed.
     command = [sys.executable, "benchmarks/speed_experiments.py", "--skip-chain", "--skip-plan"]
     command += ["--buffer-rounds", "2", "--gemm-rounds", "0", "--tall-rounds", "1"]
-    command += ["--first-layer-rounds", "1", "--eager-bound-rounds", "1"]
+    command += ["--first-layer-rounds", "1", "--eager-bound-rounds", "1", "--weight-gradient-rounds", "1"]
     run = subprocess.run(command, check=True, cwd=ROOT, capture_output=True, text=True, timeout=600)
     tables = ["| update (this package) |", "| input gradient |", "| its 118 matmuls alone"]
+    tables += ["| R, 54 -> 512: x^T grad, copied |", "per update: "]
     tables += ["| floor (536 x 512 x 512) |"] if cpu_kernels.load() else []  # the tall matmuls' (row blocks)
     for table in tables:
         assert table in run.stdout

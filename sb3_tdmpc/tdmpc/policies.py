@@ -278,12 +278,26 @@ def _matmul_backward(
     if needs_grad[0]:
         grad_x = matmul(grad, weight_t.t())
     if needs_grad[1]:
-        # In weight_t's own layout: an nn.Linear weight's (weight.t(), column-major) as (g^T x)^T,
-        # so that the parameter receives a gradient with its own strides (AccumulateGrad copies
-        # any other). MKL also runs x^T g slowly for a narrow output (the policy's 4 actions).
-        column_major = weight_t.stride(0) < weight_t.stride(1)
-        grad_w = th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
+        grad_w = _weight_gradient(grad, x, weight_t)
     return grad_x, grad_w
+
+
+def _weight_gradient(grad: th.Tensor, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
+    """
+    ``x^T grad`` (``[in, out]``) in ``weight_t``'s own layout, so that the parameter receives a gradient
+    with its own strides (AccumulateGrad copies any other): an nn.Linear weight's (``weight.t()``,
+    column-major) as ``(grad^T x)^T``. MKL runs a product with many rows and few columns up to about
+    twice as slowly as its transpose (a first layer's ``grad^T x``, ``[512, 54]``, against ``x^T grad``,
+    ``[54, 512]``), so a narrow layer's is computed with its narrow side as rows, then copied into the
+    weight's layout (a small copy).
+    """
+    column_major = weight_t.stride(0) < weight_t.stride(1)
+    n_in, n_out = weight_t.shape
+    if column_major and n_in < n_out:
+        return th.mm(x.t(), grad).t().contiguous().t()
+    if not column_major and n_out < n_in:
+        return th.mm(grad.t(), x).t().contiguous()
+    return th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
 
 
 def matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
