@@ -293,11 +293,11 @@ def _weight_gradient(grad: th.Tensor, x: th.Tensor, weight_t: th.Tensor) -> th.T
     """
     column_major = weight_t.stride(0) < weight_t.stride(1)
     n_in, n_out = weight_t.shape
-    if column_major and n_in < n_out:
-        return th.mm(x.t(), grad).t().contiguous().t()
-    if not column_major and n_out < n_in:
-        return th.mm(grad.t(), x).t().contiguous()
-    return th.mm(grad.t(), x).t() if column_major else th.mm(x.t(), grad)
+    in_as_rows = n_in < n_out if n_in != n_out else not column_major  # equal sides: the weight's layout
+    grad_w = th.mm(x.t(), grad) if in_as_rows else th.mm(grad.t(), x).t()
+    if in_as_rows == column_major:  # the other layout's product: copied into the weight's
+        return th.empty_like(weight_t).copy_(grad_w)  # empty_like keeps a dense tensor's strides
+    return grad_w
 
 
 def matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
