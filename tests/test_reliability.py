@@ -18,6 +18,7 @@ import pytest
 import torch as th
 from conftest import TINY
 from gymnasium import spaces
+from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
@@ -234,6 +235,7 @@ class SpacesEnv(gym.Env):
         (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([3, 2]), "MultiDiscrete"),
         (spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,)), "finite"),
         (spaces.Discrete(5), spaces.Box(-1, 1, (2,)), "observation"),
+        (spaces.Dict(a=spaces.Box(-1, 1, (3,)), d=spaces.Discrete(3)), spaces.Box(-1, 1, (2,)), "all Boxes"),
     ],
 )
 def test_unsupported_spaces_are_refused(observation_space, action_space, match):
@@ -330,6 +332,12 @@ def test_truncated_or_inconsistent_buffer_names_the_file_and_keeps_the_current_b
     ):
         model.load_replay_buffer(inconsistent)
     assert model.replay_buffer is current
+
+
+def test_another_algorithms_checkpoint_is_refused(tmp_path):
+    SAC("MlpPolicy", "Pendulum-v1", buffer_size=100).save(tmp_path / "sac.zip")
+    with pytest.raises(CheckpointError, match=r"sac.zip is not a TD-MPC checkpoint: .*SACPolicy"):
+        TDMPC.load(tmp_path / "sac.zip")
 
 
 def test_checkpoint_or_buffer_of_other_spaces_is_refused(saved, tmp_path):

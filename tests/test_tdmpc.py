@@ -88,6 +88,18 @@ def test_planner_finds_the_best_action_of_a_hand_made_model():
     np.testing.assert_allclose(plan_means, np.tile([0.6, -0.3], (2, 3, 1)), atol=0.1)
 
 
+def test_exploration_noise_is_clipped_to_the_action_bounds():
+    """Noisy actions stay in [-1, 1] as SB3 clips them (the official code stores them unclipped)."""
+    th.manual_seed(0)
+    policy = TDMPCPolicy(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2,)), lambda _: 1e-3, **TINY_POLICY)
+    policy.model = BanditModel([0.6, -0.3])
+    policy.planning_horizon, policy.std_floor = 1, policy.max_std  # noise of std 2
+    with th.inference_mode():
+        actions, _ = policy.plan(th.zeros(64, 3), explore=True)
+    assert actions.abs().le(1).all()
+    assert actions.abs().eq(1).sum() > 10  # the clip, not luck, kept them in
+
+
 def test_warm_start_is_per_env_and_resets_at_episode_start():
     th.manual_seed(0)
     policy = TDMPCPolicy(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (1,)), lambda _: 1e-3, **TINY_POLICY)
@@ -131,6 +143,20 @@ def test_rejects_unsupported_spaces():
         TDMPC("MlpPolicy", "Pendulum-v1", optimize_memory_usage=True)
 
 
+def test_float64_observations_train_and_predict_as_float32():
+    """gymnasium's MuJoCo tasks observe float64; predict also takes lists and float64 arrays."""
+    space = spaces.Box(-np.inf, np.inf, (3,), np.float64)
+    pendulum = gym.make("Pendulum-v1")
+    env = gym.wrappers.TransformObservation(pendulum, lambda obs: obs.astype(np.float64), space)
+    model = TDMPC("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 20})
+    model.learn(40)  # planning after the seed steps
+    assert model.replay_buffer.observations.dtype == np.float32
+    assert model.replay_buffer.next_observations.dtype == np.float32
+    for obs in (np.zeros(3), [0.0, 0.0, 0.0], np.zeros(3, np.float16)):
+        action, _ = model.predict(obs, deterministic=True)
+        assert action.shape == (1,)
+
+
 def filled_model(**kwargs):
     model = TDMPC("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, **kwargs})
     model.learn(300)
@@ -143,6 +169,26 @@ def test_world_model_loss_falls_on_a_fixed_batch():
     batch = model.replay_buffer.sample_sequences(64, model.horizon)
     losses = [model._update_world_model(batch)[0]["loss"].item() for _ in range(60)]
     assert losses[-1] < 0.7 * losses[0], losses[::10]
+
+
+def test_importance_weights_weigh_each_sequence():
+    """
+    Each sequence's loss is scaled by its own PER weight. The official ``(total_loss * weights).mean()``
+    broadcasts ``[B, 1] * [B]`` to ``[B, B]``: every sequence gets the batch's mean weight.
+    """
+    model = filled_model()
+    th.manual_seed(0)
+    data = model.replay_buffer.sample_sequences(2, model.horizon)
+    obs = model.policy.augment(data.observations)
+    coefs = (model.consistency_coef, model.reward_coef, model.value_coef)
+    for weights in ([1.0, 0.0], [0.0, 1.0]):
+        batch = (obs, data.actions, data.rewards, data.terminals, data.masks, th.tensor(weights))
+        loss, terms, *_ = model._world_model_loss(*batch)
+        clamped = [term.detach().clamp(max=1e4) for term in terms]
+        total = sum(c * term for c, term in zip(coefs, clamped, strict=True)).squeeze(-1)
+        own = total[weights.index(1.0)]
+        th.testing.assert_close(loss.detach(), own / 2 / model.horizon)
+        assert not th.isclose(own, total.mean())  # the broadcast's value would be total.mean() / 2 / H
 
 
 def test_train_logs_every_loss_term():

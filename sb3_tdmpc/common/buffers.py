@@ -168,6 +168,10 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             optimize_memory_usage=False,
             handle_timeout_termination=handle_timeout_termination,
         )
+        if self.observations.dtype.kind == "f" and self.observations.dtype != np.float32:
+            # Kept as the networks read them (gymnasium's MuJoCo observes float64: half the memory).
+            self.observations = np.zeros(self.observations.shape, dtype=np.float32)
+            self.next_observations = np.zeros(self.next_observations.shape, dtype=np.float32)
         self.alpha = alpha
         self.beta = beta
         self.priority_eps = priority_eps

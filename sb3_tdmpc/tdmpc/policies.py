@@ -1236,6 +1236,8 @@ class TDMPCPolicy(BasePolicy):
         """
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
+        if not is_image_space(self.observation_space):  # float64 (gymnasium's MuJoCo), lists: float32
+            obs_tensor = obs_tensor.float()
         warm_start = None
         if state is not None:
             plan_means = np.array(state[0], dtype=np.float32, copy=True)

@@ -236,6 +236,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     def _setup_model(self) -> None:
         # MlpPolicy: flat (1-D) Box observations (Dicts of Boxes are flattened by _wrap_env);
         # CnnPolicy: channels-first uint8 images.
+        if not (isinstance(self.policy_class, type) and issubclass(self.policy_class, TDMPCPolicy)):
+            raise ValueError(f"TDMPC needs a TDMPCPolicy (MlpPolicy, CnnPolicy), got {self.policy_class}")
         if self.observation_space is not None:
             self.policy_class.check_observation_space(self.observation_space)  # type: ignore[attr-defined]
         flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
@@ -518,6 +520,11 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         env = OffPolicyAlgorithm._wrap_env(env, verbose, monitor_wrapper)
         if is_flattenable_dict(env.observation_space):
             env = VecFlattenDictObservation(env)
+        elif isinstance(env.observation_space, spaces.Dict):  # before SB3 asks for a MultiInputPolicy
+            raise ValueError(
+                "TDMPC observes Box spaces and Dicts whose entries are all Boxes (flattened into one "
+                f"vector); got {env.observation_space}"
+            )
         return env
 
     def predict(
@@ -824,6 +831,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 **kwargs,
             )
         except ValueError as e:
+            if "TDMPCPolicy" in str(e):
+                raise checkpoint.CheckpointError(f"{path} is not a TD-MPC checkpoint: {e}") from e
             if "spaces do not match" not in str(e):
                 raise
             raise checkpoint.CheckpointError(
