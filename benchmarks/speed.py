@@ -545,7 +545,7 @@ def main() -> None:
                 result["profile"] = profile(fn)
     results["command"] = " ".join(["python", "benchmarks/speed.py", *sys.argv[1:]])
     print_table(results)
-    if args.pixels:  # CnnPolicy's update at TD-MPC's pixel settings against the state update
+    if args.pixels:  # CnnPolicy's update at the YAML's pixel settings against the state update
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import speed_pixels
 

@@ -1,8 +1,9 @@
 """
 Update cost of TD-MPC from pixels (``CnnPolicy``) against the same update from states.
 
-At TD-MPC's pixel settings (batch 256, horizon 5, latent 50, MLP 512, frame stack 3 at 84x84, i.e.
-``(9, 84, 84)`` uint8 observations, 32-channel encoder), times as median/min/max over ``--repeats``:
+At the settings of hyperparams/tdmpc.yml's pixel entries (batch 256, horizon 5, latent 50, MLP 512,
+frame stack 3 at 84x84, i.e. ``(9, 84, 84)`` uint8 observations, 32-channel encoder), times as
+median/min/max over ``--repeats``:
 
 * ``update``: one world-model step and one policy-prior step (``_update_world_model`` +
   ``_update_policy_prior``) on a sampled batch, for pixels and for 24-dim states (same networks

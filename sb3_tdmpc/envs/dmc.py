@@ -46,7 +46,11 @@ DEFAULT_ACTION_REPEAT = 2
 """Action repeat of every domain unless told otherwise (TD-MPC2's DMC setup)."""
 
 TDMPC_ACTION_REPEAT: dict[str, int] = {"cartpole": 8, "walker": 2, "finger": 2, "humanoid": 2, "dog": 2}
-"""TD-MPC's (v1) per-domain action repeat (its cfgs/tasks, the PlaNet / DrQ convention); others use 4."""
+"""
+TD-MPC's (v1) per-domain action repeat, the PlaNet / DrQ convention; others use 4. The official
+repository's cfgs/tasks set walker, humanoid and dog to 2 and cartpole to 8; it has no finger file
+(so 4 there), finger's 2 is the convention's.
+"""
 
 TDMPC_DEFAULT_ACTION_REPEAT = 4
 """TD-MPC's (v1) action repeat of the domains not in :data:`TDMPC_ACTION_REPEAT`."""
