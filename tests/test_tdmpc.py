@@ -157,6 +157,12 @@ def test_float64_observations_train_and_predict_as_float32():
         assert action.shape == (1,)
 
 
+def test_predict_refuses_non_finite_observations():
+    model = TDMPC("MlpPolicy", "Pendulum-v1", **TINY)
+    with pytest.raises(ValueError, match="Non-finite observation"):
+        model.predict(np.array([0.0, np.nan, 0.0]))
+
+
 def filled_model(**kwargs):
     model = TDMPC("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, **kwargs})
     model.learn(300)

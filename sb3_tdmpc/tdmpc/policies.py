@@ -1238,6 +1238,8 @@ class TDMPCPolicy(BasePolicy):
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
         if not is_image_space(self.observation_space):  # float64 (gymnasium's MuJoCo), lists: float32
             obs_tensor = obs_tensor.float()
+        if not bool(th.isfinite(obs_tensor).all()):  # the planner would score NaN returns as 0 and act
+            raise ValueError(f"Non-finite observation given to predict: {observation}")
         warm_start = None
         if state is not None:
             plan_means = np.array(state[0], dtype=np.float32, copy=True)
