@@ -401,6 +401,28 @@ CHAINS_LAYER_BY_LAYER = {"chain_kernels_apply": _never}
 # threads; before the policy_rollout kernel), the other chains kept.
 POLICY_TRAJECTORIES_STEP_BY_STEP = {"policy_rollout": _patched_call("policy_rollout", CHAINS_LAYER_BY_LAYER)}
 
+
+class _KernelsWithEqualThreadShares:
+    """``cpu_kernels`` whose calls split their rows equally between the threads (not by measured speed)."""
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(cpu_kernels, name)
+        if name in ("load", "thread_shares") or not callable(attribute):
+            return attribute
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            cpu_kernels.thread_shares(balance=False)
+            try:
+                return attribute(*args, **kwargs)
+            finally:
+                cpu_kernels.thread_shares(balance=True)
+
+        return call
+
+
+# The per-thread kernels' rows split equally between the threads, not by their measured speeds.
+EQUAL_THREAD_SHARES = {"cpu_kernels": _KernelsWithEqualThreadShares()}
+
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
@@ -418,6 +440,7 @@ COMPILE_SETTINGS = [
     ("eager, Q backward over all rows in the policy step", False, None, ALL_ROWS),
     ("eager, Q by autograd in the policy step", False, None, Q_BY_AUTOGRAD),
     ("eager, narrow layers' weight gradients as laid out", False, None, LAID_OUT_WEIGHT_GRADIENTS),
+    ("eager, equal thread shares", False, None, EQUAL_THREAD_SHARES),
     ("compiled, cpp_wrapper=False", True, {**COMPILE_OPTIONS, "cpp_wrapper": False}, {}),
     (
         "compiled, no FMA contraction",

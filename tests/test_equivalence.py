@@ -507,6 +507,40 @@ def test_chain_kernels_reject_mismatched_shapes():
         cpu_kernels.min_q_of_policy(th.zeros(4, 8), pi, None, [q[0][0][:, :10], *q[0][1:]], *q[1:])
 
 
+def test_rows_do_not_depend_on_the_threads_shares():
+    """
+    The per-thread kernels split their rows by the threads' measured speeds (row_blocks.h): shares
+    far from equal give the same bits as equal ones, so results do not depend on the timing.
+    """
+    if not cpu_kernels.load():
+        pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
+    th.set_num_threads(2)  # the suite runs on one (conftest restores it)
+    model = make_policy(mlp_dim=64).model
+    gen = th.Generator().manual_seed(0)
+    z, actions, latents = th.randn(1, 8, generator=gen), th.rand(4, 1, 600, 3) * 2 - 1, th.randn(600, 8)
+    x, weight, bias = th.randn(2600, 24, generator=gen), th.randn(24, 40, generator=gen), th.randn(40)
+    calls = [  # over enough rows to be balanced
+        lambda: model.rollout_return(z, actions, 0.99),
+        lambda: (policies.min_q_of_policy(model, model.q, latents, 0.0),),
+        lambda: (cpu_kernels.linear_elu(x, weight, bias),),
+        lambda: (cpu_kernels.mm(x, weight),),
+    ]
+    shares = cpu_kernels.thread_shares
+    saved = shares()
+    fast_first = [1.5, 0.5]
+    try:
+        with th.no_grad():
+            shares(balance=False)
+            equal = [call() for call in calls]
+            for speeds in (fast_first, fast_first[::-1]):
+                for call, expected in zip(calls, equal, strict=True):
+                    shares(speeds, balance=True)  # each call measures the speeds again
+                    assert all(th.equal(a, b) for a, b in zip(call(), expected, strict=True))
+        assert all(0.5 <= speed <= 1.5 for speed in shares())
+    finally:
+        shares(saved, balance=True)
+
+
 def test_reference_flop_counts_are_the_issues():
     """The plain reference costs 25.35 GFLOP per plan and 35.29 GFLOP per update at the paper settings."""
     algo = TDMPC("reach-v3", buffer_size=100, batch_size=512, learning_starts=0, seed=0)

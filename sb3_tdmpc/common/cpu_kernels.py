@@ -61,6 +61,7 @@ _LIBRARY.define(
     "Tensor[] dynamics_weights_t, Tensor[] dynamics_biases, Tensor[] reward_weights_t, "
     "Tensor[] reward_biases, float gamma) -> (Tensor, Tensor, Tensor)"
 )
+_LIBRARY.define("thread_shares(float[]? speeds=None, bool? balance=None) -> float[]")
 _LIBRARY.define(
     "min_q_of_policy(Tensor z, Tensor[] pi_weights_t, Tensor[] pi_biases, Tensor? action_noise, "
     "Tensor[] q_weights, Tensor[] q_biases, Tensor norm_weight, Tensor norm_bias, float eps) -> Tensor"
@@ -215,6 +216,15 @@ def _exclusive_build(build_directory: Path) -> Iterator[None]:
 def _weights_and_biases(layers: list[tuple[th.Tensor, th.Tensor]]) -> tuple[list[th.Tensor], list[th.Tensor]]:
     """``(weight_t, bias)`` pairs as the ops take them: the weights, then the biases."""
     return [weight_t for weight_t, _ in layers], [bias for _, bias in layers]
+
+
+def thread_shares(speeds: list[float] | None = None, balance: bool | None = None) -> list[float]:
+    """
+    The threads' measured speeds (relative to their mean; 0: not measured yet), by which the per-thread
+    kernels split rows between the threads (``csrc/row_blocks.h``). ``speeds`` replaces them and
+    ``balance=False`` splits equally (tests and benchmarks); results do not depend on either.
+    """
+    return th.ops.sb3_tdmpc_cpu.thread_shares(speeds, balance)
 
 
 def linear_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor, block_rows: int = 0) -> th.Tensor:

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 #include "row_blocks.h"
 #include "row_ops.h"
@@ -104,6 +105,20 @@ std::tuple<at::Tensor, at::Tensor> elu_backward_bias_grad(const at::Tensor& grad
   return {grad_input, column_sums[0]};
 }
 
+// The threads' measured speeds, by which for_each_row_block splits its rows (row_blocks.h); `speeds`
+// replaces them and `balance` turns the balancing on or off (tests and benchmarks).
+std::vector<double> thread_shares(c10::optional<at::ArrayRef<double>> speeds, c10::optional<bool> balance) {
+  if (speeds.has_value()) {
+    TORCH_CHECK(static_cast<int64_t>(speeds->size()) <= sb3_tdmpc::kMaxBalancedThreads, "thread_shares: too many threads");
+    for (size_t t = 0; t < speeds->size(); ++t) sb3_tdmpc::thread_speed[t].store(static_cast<float>((*speeds)[t]));
+  }
+  if (balance.has_value()) sb3_tdmpc::balance_thread_shares.store(*balance);
+  std::vector<double> current;
+  for (int64_t t = 0; t < at::get_num_threads() && t < sb3_tdmpc::kMaxBalancedThreads; ++t)
+    current.push_back(sb3_tdmpc::thread_speed[t].load());
+  return current;
+}
+
 }  // namespace
 
 // The schemas are defined in Python (sb3_tdmpc/common/cpu_kernels.py), before this library loads.
@@ -111,4 +126,8 @@ TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CPU, m) {
   m.impl("linear_elu", &linear_elu);
   m.impl("mm", &mm);
   m.impl("elu_backward_bias_grad", &elu_backward_bias_grad);
+}
+
+TORCH_LIBRARY_IMPL(sb3_tdmpc_cpu, CompositeImplicitAutograd, m) {  // no tensor to dispatch on
+  m.impl("thread_shares", &thread_shares);
 }
