@@ -115,7 +115,7 @@ def test_gym_make_defaults_run_to_truncation(reach_env):
         check_env(env, skip_render_check=True)
 
 
-@pytest.mark.parametrize("action_repeat", [0, -1, 1.5])
+@pytest.mark.parametrize("action_repeat", [0, -1, 1.5, float("nan"), "tdmpc", None, True])
 def test_action_repeat_validation(action_repeat):
     with pytest.raises(ValueError, match="action_repeat"):
         ActionRepeat(gym.make("Pendulum-v1"), action_repeat)

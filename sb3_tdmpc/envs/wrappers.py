@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections import deque
 from typing import Any, SupportsFloat
 
@@ -42,7 +43,8 @@ class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """
 
     def __init__(self, env: gym.Env, action_repeat: int) -> None:
-        if isinstance(action_repeat, bool) or int(action_repeat) != action_repeat or action_repeat < 1:
+        number = isinstance(action_repeat, numbers.Real) and not isinstance(action_repeat, bool)
+        if not (number and float(action_repeat).is_integer() and action_repeat >= 1):
             raise ValueError(f"action_repeat must be a positive integer, got {action_repeat!r}")
         gym.utils.RecordConstructorArgs.__init__(self, action_repeat=action_repeat)
         gym.Wrapper.__init__(self, env)
