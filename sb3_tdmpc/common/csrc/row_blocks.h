@@ -15,13 +15,13 @@
 namespace sb3_tdmpc {
 
 // Each thread's share of the rows follows its measured speed. On a shared machine one core can run
-// markedly slower than the other for seconds at a time (the host's other load; docs/performance.md), and
-// with equal shares every call waits for the slower one. The speeds (rows per second, relative to the threads' mean)
-// measure the cores, not the work, so all the kernels share them: each call over enough rows updates
-// them, and the next call splits its rows by them. Each balanced share is at least kMinBalancedRows rows,
-// so every row still goes through a GEMM of many rows, whose rows do not depend on how the others are
-// split (MKL gives a row the same bits in any block of two rows or more), and the results do not depend
-// on the timing (checked by tests/test_equivalence.py).
+// markedly slower than the other for seconds at a time (the host's other load; docs/performance.md),
+// and with equal shares every call waits for the slower one. The speeds (rows per second, relative to
+// the threads' mean) measure the cores, not the work, so all the kernels share them: each call over
+// enough rows updates them, and the next call splits its rows by them. Each balanced share is at least
+// kMinBalancedRows rows, so every row still goes through a GEMM of many rows, whose rows do not depend
+// on how the others are split (MKL gives a row the same bits in any block of two rows or more), and
+// the results do not depend on the timing (checked by tests/test_equivalence.py).
 constexpr int64_t kMaxBalancedThreads = 64;
 constexpr int64_t kMinBalancedRows = 32;
 inline std::atomic<float> thread_speed[kMaxBalancedThreads];  // 0: not measured yet
