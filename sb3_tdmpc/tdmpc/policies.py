@@ -16,7 +16,11 @@ import torch as th
 import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
+from stable_baselines3.common.preprocessing import (
+    is_image_space,
+    is_image_space_channels_first,
+    preprocess_obs,
+)
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
@@ -1236,8 +1240,8 @@ class TDMPCPolicy(BasePolicy):
         """
         self.set_training_mode(False)
         obs_tensor, vectorized_env = self.obs_to_tensor(observation)
-        if not is_image_space(self.observation_space):  # float64 (gymnasium's MuJoCo), lists: float32
-            obs_tensor = obs_tensor.float()
+        # float32, as the networks (float64 from gymnasium's MuJoCo, lists); images stay in [0, 255]
+        obs_tensor = preprocess_obs(obs_tensor, self.observation_space, self.normalize_images)
         if not bool(th.isfinite(obs_tensor).all()):  # the planner would score NaN returns as 0 and act
             raise ValueError(f"Non-finite observation given to predict: {observation}")
         warm_start = None
