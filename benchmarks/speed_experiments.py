@@ -26,7 +26,8 @@ rerun them.
    with its narrow side as rows (then copied into the weight's layout), and Q's tanh as a rational
    function instead of Inductor's sigmoid;
    eager, the fused CPU kernels (``cpu_kernels``) switched back to PyTorch ops, all or one at a time,
-   the chains layer by layer and the planner's policy prior trajectories step by step.
+   the chains layer by layer, the planner's policy prior trajectories step by step, and the per-thread
+   kernels' rows split equally rather than by the threads' measured speeds.
 
 4. ``matmuls`` (``--gemm-rounds``): the floor's matmul on operands in cache (as the floor is
    measured) and on operands read from memory; and every matmul of the compiled plan and update
