@@ -338,6 +338,9 @@ def test_another_algorithms_checkpoint_is_refused(tmp_path):
     SAC("MlpPolicy", "Pendulum-v1", buffer_size=100).save(tmp_path / "sac.zip")
     with pytest.raises(CheckpointError, match=r"sac.zip is not a TD-MPC checkpoint: .*SACPolicy"):
         TDMPC.load(tmp_path / "sac.zip")
+    with pytest.raises(ValueError, match="TDMPC needs a TDMPCPolicy .* got .*SACPolicy") as caught:
+        TDMPC(SAC.policy_aliases["MlpPolicy"], "Pendulum-v1")
+    assert not isinstance(caught.value, CheckpointError)  # no file involved
 
 
 def test_checkpoint_or_buffer_of_other_spaces_is_refused(saved, tmp_path):

@@ -53,6 +53,10 @@ def _same_row(a: Any, b: Any, index: int) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[index], b[index])
 
 
+class _PolicyClassError(ValueError):
+    """The policy class is not a TDMPCPolicy (given by the caller, or by another algorithm's checkpoint)."""
+
+
 def linear_schedule(start: float, end: float, duration: int, step: int) -> float:
     """Value at ``step`` of a linear ramp from ``start`` to ``end`` over ``duration`` steps."""
     return LinearSchedule(start, end, end_fraction=1.0)(1.0 - step / max(duration, 1))
@@ -237,7 +241,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         # MlpPolicy: flat (1-D) Box observations (Dicts of Boxes are flattened by _wrap_env);
         # CnnPolicy: channels-first uint8 images.
         if not (isinstance(self.policy_class, type) and issubclass(self.policy_class, TDMPCPolicy)):
-            raise ValueError(f"TDMPC needs a TDMPCPolicy (MlpPolicy, CnnPolicy), got {self.policy_class}")
+            policy = self.policy_class
+            raise _PolicyClassError(f"TDMPC needs a TDMPCPolicy (MlpPolicy, CnnPolicy), got {policy}")
         if self.observation_space is not None:
             self.policy_class.check_observation_space(self.observation_space)  # type: ignore[attr-defined]
         flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
@@ -830,10 +835,10 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 force_reset=force_reset,
                 **kwargs,
             )
+        except _PolicyClassError as e:  # another algorithm's zip (its policy class)
+            raise checkpoint.CheckpointError(f"{path} is not a TD-MPC checkpoint: {e}") from e
         except ValueError as e:
-            if "TDMPCPolicy" in str(e):
-                raise checkpoint.CheckpointError(f"{path} is not a TD-MPC checkpoint: {e}") from e
-            if "spaces do not match" not in str(e):
+            if "spaces do not match" not in str(e):  # SB3's check_for_correct_spaces
                 raise
             raise checkpoint.CheckpointError(
                 f"{path} cannot run on this environment: {e}. A checkpoint loads only with an environment "
