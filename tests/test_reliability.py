@@ -236,6 +236,11 @@ class SpacesEnv(gym.Env):
         (spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,)), "finite"),
         (spaces.Discrete(5), spaces.Box(-1, 1, (2,)), "observation"),
         (spaces.Dict(a=spaces.Box(-1, 1, (3,)), d=spaces.Discrete(3)), spaces.Box(-1, 1, (2,)), "all Boxes"),
+        (
+            spaces.Dict(state=spaces.Box(-1, 1, (3,)), camera=spaces.Box(0, 255, (64, 64, 3), np.uint8)),
+            spaces.Box(-1, 1, (2,)),
+            r"\['camera'\] are images; give image observations alone .* to CnnPolicy",
+        ),
     ],
 )
 def test_unsupported_spaces_are_refused(observation_space, action_space, match):

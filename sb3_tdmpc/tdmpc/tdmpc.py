@@ -524,6 +524,13 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         """SB3's wrapping, then Dict-of-Boxes observations (dm-control's) flattened to a float32 vector."""
         env = OffPolicyAlgorithm._wrap_env(env, verbose, monitor_wrapper)
         if is_flattenable_dict(env.observation_space):
+            images = [key for key, sub in env.observation_space.spaces.items() if is_image_space(sub)]
+            if images:  # flattened, its pixels would be the MLP's inputs
+                raise ValueError(
+                    f"TDMPC flattens a Dict observation into one vector for the MLP, and {images} are "
+                    "images; give image observations alone (not in a Dict) to CnnPolicy, or drop them "
+                    f"from the Dict. Got {env.observation_space}"
+                )
             env = VecFlattenDictObservation(env)
         elif isinstance(env.observation_space, spaces.Dict):  # before SB3 asks for a MultiInputPolicy
             raise ValueError(
