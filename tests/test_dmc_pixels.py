@@ -276,6 +276,16 @@ def test_dmc_hyperparams():
         assert state["policy"] == "MlpPolicy" and state["env_kwargs"] == {"action_repeat": 2}
         assert pixels["policy"] == "CnnPolicy" and pixels["env_kwargs"] == {"action_repeat": 2}
         assert pixels["learning_rate"] == 3e-4 and pixels["batch_size"] == 256
+    # TD-MPC's own settings for Humanoid and Dog (cfgs/tasks/humanoid.yaml, dog.yaml)
+    for task in ("humanoid-stand", "humanoid-walk", "humanoid-run"):
+        params = entries[f"dmc/{task}-v0"]
+        assert params["planning_iterations"] == 12 and params["n_timesteps"] * 2 == 3_000_000
+        assert "latent_dim=100" in params["policy_kwargs"] and params["learning_rate"] == 1e-3
+    for task in ("dog-stand", "dog-walk", "dog-trot", "dog-run", "dog-fetch"):
+        params = entries[f"dmc/{task}-v0"]
+        assert params["planning_iterations"] == 8 and params["n_timesteps"] * 2 == 5_000_000
+        assert params["batch_size"] == 2048 and params["learning_rate"] == 3e-4
+        assert "latent_dim=100" in params["policy_kwargs"] and params["env_kwargs"] == {"action_repeat": 2}
     for env_id, params in entries.items():
         if params.get("policy") == "CnnPolicy":
             # obs + next_obs of (9, 84, 84) uint8 frames must fit a 24 GB machine.
