@@ -150,6 +150,19 @@ def test_resume_without_the_replay_buffer_warns(tmp_path):
         resumed.learn(5, reset_num_timesteps=False)
 
 
+def test_resume_past_the_seed_phase_without_the_replay_buffer_refills_it_then_trains(tmp_path):
+    model = TDMPC("Pendulum-v1", seed=0, **TINY)  # learning_starts 50, batch 16
+    model.learn(100)
+    model.save(tmp_path / "model")
+    resumed = TDMPC.load(tmp_path / "model", env=make_vec_env("Pendulum-v1", seed=0))
+    updates = resumed._n_updates
+    with pytest.warns(ResumeWarning, match="updates pause until it holds 50 transitions"):
+        resumed.learn(80, reset_num_timesteps=False)
+    # Steps 101-149 refill the empty buffer (planning, no update); steps 150-180 train, one update each.
+    assert resumed.num_timesteps == 180 and resumed.replay_buffer.pos == 80
+    assert resumed._n_updates - updates == 31
+
+
 def test_resume_after_an_interrupted_learn_warns(tmp_path):
     class Interrupt(BaseCallback):
         def _on_step(self):

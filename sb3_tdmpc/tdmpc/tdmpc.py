@@ -324,6 +324,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     # ------------------------------------------------------------------ training
 
     def train(self, gradient_steps: int, batch_size: int = 512) -> None:
+        if self._stored_transitions() < self._transitions_to_train():
+            return  # a resumed run refilling its replay buffer (docs/reliability.md)
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
         self._update_schedules()
@@ -705,9 +707,10 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             problems.append("it was saved after learn() had stopped on an exception, possibly mid-step")
         rb = self.replay_buffer
         if state["buffer_position"] != (None if rb is None else (int(rb.pos), bool(rb.full))):
-            problems.append(
-                "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
-            )
+            problem = "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
+            if rb is not None and self._stored_transitions() < self._transitions_to_train():
+                problem += f"; updates pause until it holds {self._transitions_to_train()} transitions"
+            problems.append(problem)
         if not problems:
             checkpoint.set_env_rng_states(env, rngs)  # type: ignore[arg-type]
             # A reset through the VecEnv (and its wrappers), unseeded: a seed given to load() would
@@ -744,12 +747,27 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         rb.timeouts[row, unfinished] = 1
         rb.dones[row, unfinished] = 1
 
+    def _stored_transitions(self) -> int:
+        rb = self.replay_buffer
+        return (rb.buffer_size if rb.full else rb.pos) * rb.n_envs
+
+    def _transitions_to_train(self) -> int:
+        """
+        Transitions the replay buffer must hold for an update: as many as the seed phase leaves (or a
+        batch, or all it can hold). A run starts updating with at least that many; a run resumed without
+        its replay buffer (or with a smaller one) collects, planning, until it holds them again.
+        """
+        rb = self.replay_buffer
+        return min(rb.buffer_size * rb.n_envs, max(self.batch_size, self.learning_starts))
+
     def _check_batch_size(self, reset_num_timesteps: bool) -> None:
         rb = self.replay_buffer
         capacity = rb.buffer_size * rb.n_envs
-        stored = (rb.buffer_size if rb.full else rb.pos) * rb.n_envs
+        stored = self._stored_transitions()
         steps = 0 if reset_num_timesteps else self.num_timesteps
         at_first_update = min(capacity, stored + max(self.learning_starts + 1 - steps, 1))
+        if steps > 0:  # a continued run's updates wait for the buffer to refill (train)
+            at_first_update = max(at_first_update, self._transitions_to_train())
         if self.batch_size > at_first_update:
             raise ValueError(
                 f"batch_size ({self.batch_size}) is larger than the {at_first_update} transitions the "
