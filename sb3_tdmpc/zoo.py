@@ -37,12 +37,14 @@ import importlib
 import runpy
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sb3_tdmpc import TDMPC
+from sb3_tdmpc.common.checkpoint import ResumeWarning
 
 if TYPE_CHECKING:
     import optuna
@@ -174,8 +176,10 @@ class ContinuingTDMPC(TDMPC):
     whose replay buffer holds transitions (the one loaded beside it) continues the run instead
     (``reset_num_timesteps=False``: ``-n N`` trains N more steps), bitwise as the uninterrupted run
     when it was saved at an episode end (docs/reliability.md). Without a buffer (a checkpoint
-    ``rl_model_<N>_steps.zip``) there is nothing to continue from and the zoo's restart applies.
-    In every other respect this is TDMPC.
+    ``rl_model_<N>_steps.zip``) there is nothing to continue from and the zoo's restart applies;
+    so it does, with the buffer emptied, when the buffer beside a checkpoint is another point's of
+    the run (the zoo loads the folder's ``replay_buffer.pkl``, saved at the run's end). In every
+    other respect this is TDMPC.
     """
 
     def learn(  # type: ignore[override]
@@ -189,7 +193,22 @@ class ContinuingTDMPC(TDMPC):
     ) -> ContinuingTDMPC:
         # A model that has taken steps and holds transitions: loaded together with its buffer.
         buffer = self.replay_buffer
-        continues = self.num_timesteps > 0 and buffer is not None and (buffer.full or buffer.pos > 0)
+        holds = buffer is not None and (buffer.full or buffer.pos > 0)
+        saved = getattr(self, "_resume_state", None)  # None: an older model, which did not record it
+        if self.num_timesteps > 0 and holds and saved is not None:
+            position = (int(buffer.pos), bool(buffer.full))
+            if saved["buffer_position"] != position:
+                warnings.warn(
+                    f"The replay buffer loaded with the model saved at step {self.num_timesteps} is not "
+                    f"the one saved with it (write position {position}, saved {saved['buffer_position']}): "
+                    "as for a checkpoint without a buffer, training restarts its step count with an empty "
+                    "replay buffer",
+                    ResumeWarning,
+                    stacklevel=2,
+                )
+                buffer.reset()
+                holds = False
+        continues = self.num_timesteps > 0 and holds
         return super().learn(
             total_timesteps,
             callback,

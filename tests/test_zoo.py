@@ -11,9 +11,11 @@ import numpy as np
 import optuna
 import pytest
 import yaml
+from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_tdmpc
 from sb3_tdmpc import TDMPC, PrioritizedReplayBuffer, TDMPCPolicy
+from sb3_tdmpc.common.checkpoint import ResumeWarning
 from sb3_tdmpc.envs import METAWORLD_TASKS
 from sb3_tdmpc.zoo import (
     VERBS,
@@ -234,6 +236,33 @@ def test_register_and_sampler():
         # --trial-id: the converter turns the stored params back into the same hyperparameters.
         assert HYPERPARAMS_CONVERTER["tdmpc"](trial.params) == params == convert_tdmpc_params(params)
         study.tell(trial, 0.0)
+
+
+def test_a_checkpoint_beside_another_points_buffer_restarts_with_an_empty_buffer(tmp_path):
+    # tdmpc-zoo train -i <run>/rl_model_100_steps.zip in a folder whose replay_buffer.pkl the run saved
+    # at its end: the zoo loads both; the model must not continue on that buffer.
+    policy_kwargs = dict(latent_dim=8, mlp_dim=16, enc_dim=16)
+    tiny = dict(batch_size=16, learning_starts=50, seed_updates=5, num_samples=16, num_elites=4, horizon=3)
+    model = ContinuingTDMPC(
+        "Pendulum-v1", seed=0, buffer_size=1000, planning_iterations=1, policy_kwargs=policy_kwargs, **tiny
+    )
+    model.learn(100)
+    model.save(tmp_path / "rl_model_100_steps.zip")
+    model.learn(50, reset_num_timesteps=False)
+    model.save(tmp_path / "final.zip")
+    model.save_replay_buffer(tmp_path / "replay_buffer.pkl")
+
+    checkpoint = ContinuingTDMPC.load(tmp_path / "rl_model_100_steps.zip", env=make_vec_env("Pendulum-v1"))
+    checkpoint.load_replay_buffer(tmp_path / "replay_buffer.pkl")
+    with pytest.warns(ResumeWarning, match="not the one saved with it .* restarts its step count"):
+        checkpoint.learn(60)
+    assert checkpoint.num_timesteps == 60 and checkpoint.replay_buffer.pos == 60
+
+    final = ContinuingTDMPC.load(tmp_path / "final.zip", env=make_vec_env("Pendulum-v1"))
+    final.load_replay_buffer(tmp_path / "replay_buffer.pkl")
+    with pytest.warns(ResumeWarning, match="middle of an episode"):  # saved at step 150 of 200
+        final.learn(60)  # its own buffer: the run continues
+    assert final.num_timesteps == 210 and final.replay_buffer.pos == 210
 
 
 def test_inference_load_allocates_a_minimal_buffer(tmp_path):
