@@ -53,6 +53,20 @@ def _same_row(a: Any, b: Any, index: int) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[index], b[index])
 
 
+def _check_action_space(action_space: spaces.Space) -> None:
+    """A clear ValueError for action spaces TDMPC cannot plan in (SB3 asserts, after wrapping the env)."""
+    if not isinstance(action_space, spaces.Box):
+        raise ValueError(
+            f"TDMPC supports continuous (Box) action spaces only, got {action_space}: "
+            "Discrete and MultiDiscrete actions are not supported."
+        )
+    if not np.all(np.isfinite(action_space.low) & np.isfinite(action_space.high)):
+        raise ValueError(
+            f"TDMPC plans actions in [-1, 1] rescaled to the action bounds, which must be finite; got "
+            f"{action_space}. Wrap the env in gymnasium.wrappers.ClipAction or RescaleAction."
+        )
+
+
 class _PolicyClassError(ValueError):
     """The policy class is not a TDMPCPolicy (given by the caller, or by another algorithm's checkpoint)."""
 
@@ -248,19 +262,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
         if flattener:
             self.dict_observation_space = flattener.dict_space
-        # SB3 checks this with an assert, which `python -O` removes.
-        if self.action_space is not None and not isinstance(self.action_space, spaces.Box):
-            raise ValueError(
-                f"TDMPC supports continuous (Box) action spaces only, got {self.action_space}: "
-                "Discrete and MultiDiscrete actions are not supported."
-            )
-        if self.action_space is not None and not np.all(
-            np.isfinite(self.action_space.low) & np.isfinite(self.action_space.high)
-        ):
-            raise ValueError(
-                f"TDMPC plans actions in [-1, 1] rescaled to the action bounds, which must be finite; got "
-                f"{self.action_space}. Wrap the env in gymnasium.wrappers.ClipAction or RescaleAction."
-            )
+        if self.action_space is not None:
+            _check_action_space(self.action_space)
         if not hasattr(self.replay_buffer_class, "sample_sequences"):
             raise TypeError(
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
@@ -525,6 +528,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
         """SB3's wrapping, then Dict-of-Boxes observations (dm-control's) flattened to a float32 vector."""
         env = OffPolicyAlgorithm._wrap_env(env, verbose, monitor_wrapper)
+        _check_action_space(env.action_space)  # before SB3's own asserts
         if is_flattenable_dict(env.observation_space):
             images = [key for key, sub in env.observation_space.spaces.items() if is_image_space(sub)]
             if images:  # flattened, its pixels would be the MLP's inputs
