@@ -124,7 +124,7 @@ def test_warm_start_is_per_env_and_resets_at_episode_start():
 
 
 def test_rejects_unsupported_spaces():
-    with pytest.raises(AssertionError, match="Discrete"):
+    with pytest.raises(ValueError, match="Discrete"):
         TDMPC("MlpPolicy", "CartPole-v1")
 
     class PixelEnv(gym.Env):
