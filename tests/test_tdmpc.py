@@ -252,6 +252,22 @@ def test_save_load_gives_same_parameters_and_actions(tmp_path):
     np.testing.assert_array_equal(a1, a2)
 
 
+def test_policy_save_and_load_alone(tmp_path):
+    model = filled_model()
+    model.policy.save(tmp_path / "policy.pth")
+    loaded = MlpPolicy.load(tmp_path / "policy.pth")
+    for (name, p), q in zip(model.policy.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert th.equal(p, q), name
+    schedule = (model.policy.planning_horizon, model.policy.std_floor)
+    assert (loaded.planning_horizon, loaded.std_floor) == schedule and schedule != (1, 0.5)
+    obs = model.get_env().reset()
+    th.manual_seed(1)
+    a1, _ = model.policy.predict(obs, deterministic=True)
+    th.manual_seed(1)
+    a2, _ = loaded.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(a1, a2)
+
+
 def test_n_envs_and_policy_form(tmp_path):
     env = make_vec_env("Pendulum-v1", n_envs=3, seed=0)
     model = TDMPC(MlpPolicy, env, **TINY)

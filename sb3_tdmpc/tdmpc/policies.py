@@ -22,6 +22,7 @@ from stable_baselines3.common.preprocessing import (
     preprocess_obs,
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.utils import get_device
 from torch import nn
 
 from sb3_tdmpc.common import cpu_kernels
@@ -1046,7 +1047,9 @@ class TDMPCPolicy(BasePolicy):
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
+        del data["normalize_images"]  # not a TDMPCPolicy argument: images are never normalized
         data.update(
+            lr_schedule=self._dummy_schedule,  # as SB3's policies: the algorithm sets the learning rate
             latent_dim=self.latent_dim,
             mlp_dim=self.mlp_dim,
             enc_dim=self.enc_dim,
@@ -1066,6 +1069,24 @@ class TDMPCPolicy(BasePolicy):
             torch_compile=self.torch_compile,
         )
         return data
+
+    def save(self, path: str) -> None:
+        """
+        SB3's policy ``save`` (weights and constructor arguments), with the planning horizon and std
+        floor the algorithm had scheduled: a policy loaded alone plans as this one does.
+        """
+        saved = {"state_dict": self.state_dict(), "data": self._get_constructor_parameters()}
+        th.save({**saved, "planning_horizon": self.planning_horizon, "std_floor": self.std_floor}, path)
+
+    @classmethod
+    def load(cls, path: str, device: th.device | str = "auto") -> TDMPCPolicy:  # type: ignore[override]
+        """A policy saved by :meth:`save`, on ``device``."""
+        device = get_device(device)
+        saved = th.load(path, map_location=device, weights_only=False)  # spaces are pickled, as SB3's
+        policy = cls(**saved["data"])
+        policy.load_state_dict(saved["state_dict"])
+        policy.planning_horizon, policy.std_floor = saved["planning_horizon"], saved["std_floor"]
+        return policy.to(device)
 
     @classmethod
     def check_observation_space(cls, observation_space: spaces.Space) -> None:
