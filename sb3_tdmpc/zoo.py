@@ -196,7 +196,7 @@ class ContinuingTDMPC(TDMPC):
         holds = buffer is not None and (buffer.full or buffer.pos > 0)
         saved = getattr(self, "_resume_state", None)  # None: an older model, which did not record it
         if self.num_timesteps > 0 and holds and saved is not None:
-            position = (int(buffer.pos), bool(buffer.full))
+            position = self._buffer_position()
             if saved["buffer_position"] != position:
                 warnings.warn(
                     f"The replay buffer loaded with the model saved at step {self.num_timesteps} is not "

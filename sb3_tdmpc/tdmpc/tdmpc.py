@@ -664,7 +664,6 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     def _capture_resume_state(self) -> dict[str, Any]:
         """What a resumed run needs beyond SB3's saved attributes: RNG states, the envs' current observations
         (SB3's load discards ``_last_obs``), the planner's warm start and the rollout position."""
-        rb = self.replay_buffer
 
         def copy(value: Any) -> Any:
             if isinstance(value, dict):
@@ -681,7 +680,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             "last_original_obs": copy(self._last_original_obs),
             "plan_state": self._plan_state,
             "rollout_progress": getattr(self, "_rollout_progress", None) or (0, 0),
-            "buffer_position": None if rb is None else (int(rb.pos), bool(rb.full)),
+            "buffer_position": self._buffer_position(),
             "interrupted": getattr(self, "_interrupted", False),
         }
 
@@ -710,7 +709,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         if state.get("interrupted"):
             problems.append("it was saved after learn() had stopped on an exception, possibly mid-step")
         rb = self.replay_buffer
-        if state["buffer_position"] != (None if rb is None else (int(rb.pos), bool(rb.full))):
+        if state["buffer_position"] != self._buffer_position():
             problem = "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
             if rb is not None and self._stored_transitions() < self._transitions_to_train():
                 problem += f"; updates pause until it holds {self._transitions_to_train()} transitions"
@@ -750,6 +749,11 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         unfinished = rb.dones[row] == 0
         rb.timeouts[row, unfinished] = 1
         rb.dones[row, unfinished] = 1
+
+    def _buffer_position(self) -> tuple[int, bool] | None:
+        """The replay buffer's write position: a saved model records it to recognise its own buffer."""
+        rb = self.replay_buffer
+        return None if rb is None else (int(rb.pos), bool(rb.full))
 
     def _stored_transitions(self) -> int:
         rb = self.replay_buffer
