@@ -210,6 +210,17 @@ def test_train_logs_every_loss_term():
     assert model._n_updates > 3
 
 
+def test_one_update_per_step_after_the_seed_updates():
+    model = TDMPC("Pendulum-v1", seed=0, **TINY)  # learning_starts 50, seed_updates 5
+    assert (model.train_freq.frequency, model.gradient_steps) == (1, 1)
+    model.learn(50)
+    assert model._n_updates == 0  # the seed phase: random actions, no update
+    model.learn(1, reset_num_timesteps=False)
+    assert model._n_updates == 5  # the seed updates, at the first step past learning_starts
+    model.learn(9, reset_num_timesteps=False)
+    assert model._n_updates == 14  # then one per environment step
+
+
 def test_ema_moves_target_towards_online_every_second_update():
     model = filled_model(seed_updates=0)
     online, target = model.policy.ema_parameter_pairs()
