@@ -74,7 +74,9 @@ def main() -> None:
     )
     parser.add_argument("--folder", type=Path, default=None, help="zoo log folder (default: a temp dir)")
     parser.add_argument("--steps", type=int, default=250, help="enjoy steps (-n): one Meta-World episode")
-    parser.add_argument("--train-steps", type=int, default=300, help="training steps (-n of train)")
+    parser.add_argument(
+        "--train-steps", type=int, default=600, help="training steps (-n of train; >= batch 512 + 50)"
+    )
     args = parser.parse_args()
     folder = args.folder or Path(tempfile.mkdtemp(prefix="enjoy_memory_"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -83,7 +85,8 @@ def main() -> None:
     run = folder / "tdmpc" / f"{ENV_ID}_1"
     if not (run / f"{ENV_ID}.zip").exists():
         # Shipped hyperparameters: buffer_size 1e6, latent 50 / mlp 512 / enc 256, 512 samples x 6 iterations.
-        # A few planning steps and updates after a short seed phase: the zip is what matters here.
+        # A few planning steps and updates after a seed phase of at least one batch (512): the zip is
+        # what matters here.
         train = [
             *launcher,
             "train",
