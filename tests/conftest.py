@@ -21,6 +21,22 @@ TINY = dict(
 )
 
 
+def gl_context_error() -> str | None:
+    """
+    Why MuJoCo cannot render off-screen here (``None`` if it can), found without this package's code:
+    a skip must mean "no renderer", never a bug of ours.
+    """
+    try:
+        import mujoco
+        from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer
+
+        model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
+        OffScreenViewer(model, mujoco.MjData(model), 8, 8).close()
+    except Exception as error:  # missing or unusable GL backend
+        return f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {error!r}"
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _single_thread():
     # Two cores are shared by the suite; one torch thread avoids oversubscription.

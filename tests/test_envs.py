@@ -11,6 +11,7 @@ import metaworld  # noqa: E402
 import mujoco  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from conftest import gl_context_error  # noqa: E402
 from gymnasium.utils.env_checker import check_env  # noqa: E402
 from stable_baselines3.common.monitor import Monitor  # noqa: E402
 
@@ -300,20 +301,8 @@ def test_corner_cameras_are_upright(reach_env):
     raw.close()
 
 
-def _gl_context_error() -> str | None:
-    """Why MuJoCo cannot render here (``None`` if it can)."""
-    try:
-        from gymnasium.envs.mujoco.mujoco_rendering import OffScreenViewer
-
-        model = mujoco.MjModel.from_xml_string("<mujoco><worldbody><geom size='1'/></worldbody></mujoco>")
-        OffScreenViewer(model, mujoco.MjData(model), 8, 8).close()
-    except Exception as error:  # missing or unusable GL backend
-        return f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}: {error!r}"
-    return None
-
-
 def test_render_rgb_array():
-    error = _gl_context_error()
+    error = gl_context_error()
     if error is not None:
         pytest.skip(f"MuJoCo cannot create a GL context: {error}")
     env = gym.make("reach-v3", render_mode="rgb_array", width=96, height=64)
