@@ -189,8 +189,14 @@ def test_random_shift():
     shifted = RandomShift(pad=4)(images)
     assert shifted.shape == images.shape and shifted.dtype == th.float32
     assert not th.equal(shifted, images.float())
-    # Integer shifts: every pixel is a pixel of the (replicate-padded) input.
-    th.testing.assert_close(shifted, shifted.round(), atol=0.01, rtol=0)
+    # Each image is the replicate-padded input cropped at an integer offset of 0-8 pixels (to within
+    # grid_sample's float rounding).
+    padded = th.nn.functional.pad(images.reshape(-1, 9, 84, 84).float(), (4,) * 4, mode="replicate")
+    offsets = []
+    for image, pad in zip(shifted.reshape(-1, 9, 84, 84), padded, strict=True):
+        crops = {(dy, dx): pad[:, dy : dy + 84, dx : dx + 84] for dy in range(9) for dx in range(9)}
+        offsets += [offset for offset, crop in crops.items() if th.allclose(image, crop, rtol=0, atol=0.01)]
+    assert len(offsets) == 6 and len(set(offsets)) > 1
     # Images of one batch get their own shifts.
     same = images[:1, :1].expand(1, 16, 9, 84, 84)
     out = RandomShift(pad=4)(same)
@@ -217,8 +223,13 @@ def test_cnn_policy_trains_on_several_image_envs():
     # No renderer needed: random frames, two envs planned in one batch.
     env = make_vec_env(ImageEnv, n_envs=2, seed=0)
     model = TDMPC("CnnPolicy", env, seed=0, **{**TINY_PIXELS, "learning_starts": 40, "train_freq": 20})
+    shifted = []  # the model update trains on randomly shifted frames (RandomShift), planning never
+    model.policy.shift.register_forward_hook(lambda module, args, out: shifted.append(args[0].shape))
     model.learn(100)
     assert model._n_updates > 0 and model.replay_buffer.observations.dtype == np.uint8
+    horizon, batch = model.horizon, model.batch_size
+    assert shifted and all(shape == (horizon + 1, batch, 9, 84, 84) for shape in shifted)
+    assert len(shifted) == model._n_updates
     actions, (plan_means,) = model.predict(env.reset(), deterministic=True)
     assert actions.shape == (2, 2) and plan_means.shape[0] == 2
 

@@ -200,6 +200,7 @@ def test_importance_weights_weigh_each_sequence():
 def test_train_logs_every_loss_term():
     model = filled_model()
     model.set_logger(configure(None, []))
+    updates = model._n_updates
     model.train(gradient_steps=3, batch_size=16)
     logged = model.logger.name_to_value
     for key in (
@@ -207,7 +208,7 @@ def test_train_logs_every_loss_term():
         "planner_std", "horizon", "seconds_per_update",
     ):  # fmt: skip
         assert np.isfinite(logged[f"train/{key}"]), key
-    assert model._n_updates > 3
+    assert model._n_updates == updates + 3
 
 
 def test_one_update_per_step_after_the_seed_updates():
@@ -231,7 +232,10 @@ def test_ema_moves_target_towards_online_every_second_update():
     model.train(gradient_steps=1, batch_size=16)
     assert all(th.equal(b, t) for b, t in zip(before, target, strict=True))  # update 1: no EMA
     model.train(gradient_steps=1, batch_size=16)
-    assert not all(th.equal(b, t) for b, t in zip(before, target, strict=True))
+    # update 2: target <- (1 - tau) target + tau online, tau = 0.01
+    assert model.tau == 0.01
+    for b, t, o in zip(before, target, online, strict=True):
+        th.testing.assert_close(t, (1 - model.tau) * b + model.tau * o)
 
 
 def test_schedules_count_environment_steps():
