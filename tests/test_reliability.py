@@ -522,6 +522,7 @@ def test_non_finite_rewards_and_observations_are_reported_not_stored():
     )
     assert messages[1].startswith("Environment 0 returned a non-finite observation at step 40")
     assert "the environment is reset" in messages[1]
+    assert messages[2].startswith("Environment 0 returned a non-finite reward at step 75")
     assert model.num_nonfinite_transitions == 3
     assert model.logger.name_to_value["rollout/nonfinite_transitions"] == 3
 

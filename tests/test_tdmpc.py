@@ -45,10 +45,18 @@ def test_networks_follow_tdmpc():
     z, a = th.randn(7, 8), th.rand(7, 2) * 2 - 1
     assert th.equal(world.next(z, a)[1], th.zeros(7, 1))
     assert th.equal(world.q(z, a), th.zeros(2, 7, 1))
-    w = world.dynamics[0].weight
-    assert th.allclose(w @ w.T, th.eye(w.shape[0]), atol=1e-5) or th.allclose(
-        w.T @ w, th.eye(w.shape[1]), atol=1e-5
-    )
+
+    def orthogonal(w):
+        return th.allclose(w @ w.T, th.eye(w.shape[0]), atol=1e-5) or th.allclose(
+            w.T @ w, th.eye(w.shape[1]), atol=1e-5
+        )
+
+    linears = [m for net in (world.encoder, world.dynamics, world.reward, world.pi_net) for m in net]
+    linears = [m for m in linears if isinstance(m, nn.Linear)]
+    assert all(orthogonal(m.weight) and not m.bias.any() for m in linears[:-4] + linears[-3:])
+    assert not world.reward[-1].weight.any()
+    q_weights = list(world.q.weights)  # [num_q, in, out] each: the members' first, hidden and output layers
+    assert all(orthogonal(member) for w in q_weights[:2] for member in w) and not q_weights[2].any()
     assert [type(m) for m in world.dynamics] == [nn.Linear, nn.ELU, nn.Linear, nn.ELU, nn.Linear]
     assert all(abs(a) <= 1 for a in world.pi(z, std=10.0).flatten().tolist())
     # The target holds exactly the parts that are read (h and Q) and gets no gradient.
@@ -288,6 +296,7 @@ def test_n_envs_and_policy_form(tmp_path):
     model = TDMPC(MlpPolicy, env, **TINY)
     model.learn(240)
     assert model.num_timesteps == 240 and model.replay_buffer.n_envs == 3
+    assert model.replay_buffer.pos == 80  # 80 vectorised steps, each storing one transition per env
     assert model._plan_state[0].shape[0] == 3
 
 
