@@ -266,8 +266,15 @@ def test_metaworld_from_pixels(renderer):
     assert env.observation_space == spaces.Box(0, 255, (9, 84, 84), np.uint8)
     obs, _ = env.reset(seed=0)
     assert obs in env.observation_space and obs.std() > 0
+    first = obs[-3:]
     obs, _, _, _, info = env.step(env.action_space.sample())
     assert obs.shape == (9, 84, 84) and "is_success" in info
+    # Channels-first (C, H, W) stacks of the rendered (H, W, C) frames, the newest last.
+    wrapper = env
+    while not isinstance(wrapper, PixelObservation):
+        wrapper = wrapper.env
+    np.testing.assert_array_equal(obs[-3:], wrapper.env.render().transpose(2, 0, 1))  # the frame it rendered
+    np.testing.assert_array_equal(obs[3:6], first)
     env.close()
 
 
