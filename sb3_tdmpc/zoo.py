@@ -193,7 +193,7 @@ class ContinuingTDMPC(TDMPC):
     ) -> ContinuingTDMPC:
         # A model that has taken steps and holds transitions: loaded together with its buffer.
         buffer = self.replay_buffer
-        holds = buffer is not None and (buffer.full or buffer.pos > 0)
+        holds = buffer is not None and buffer.size() > 0
         saved = getattr(self, "_resume_state", None)  # None: an older model, which did not record it
         if self.num_timesteps > 0 and holds and saved is not None:
             position = self._buffer_position()

@@ -54,7 +54,10 @@ def _same_row(a: Any, b: Any, index: int) -> bool:
 
 
 def _check_action_space(action_space: spaces.Space) -> None:
-    """A clear ValueError for action spaces TDMPC cannot plan in (SB3 asserts, after wrapping the env)."""
+    """
+    A clear ValueError for action spaces TDMPC cannot plan in, when an env is wrapped (SB3 asserts
+    after that, and `python -O` drops asserts); a loaded model's spaces were checked when it was made.
+    """
     if not isinstance(action_space, spaces.Box):
         raise ValueError(
             f"TDMPC supports continuous (Box) action spaces only, got {action_space}: "
@@ -262,8 +265,6 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
         if flattener:
             self.dict_observation_space = flattener.dict_space
-        if self.action_space is not None:
-            _check_action_space(self.action_space)
         if not hasattr(self.replay_buffer_class, "sample_sequences"):
             raise TypeError(
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
@@ -756,8 +757,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         return None if rb is None else (int(rb.pos), bool(rb.full))
 
     def _stored_transitions(self) -> int:
-        rb = self.replay_buffer
-        return (rb.buffer_size if rb.full else rb.pos) * rb.n_envs
+        return self.replay_buffer.size() * self.replay_buffer.n_envs
 
     def _transitions_to_train(self) -> int:
         """
