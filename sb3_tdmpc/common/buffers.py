@@ -119,6 +119,11 @@ class SequenceSamples(NamedTuple):
     indices: np.ndarray  # [B] int64 tree leaf indices, for ``update_priorities``
 
 
+def last_written_row(buffer: ReplayBuffer) -> int | None:
+    """The row (step, over all envs) that ``buffer.add`` wrote last; ``None`` while the buffer is empty."""
+    return None if buffer.size() == 0 else (buffer.pos - 1) % buffer.buffer_size
+
+
 class PrioritizedReplayBuffer(ReplayBuffer):
     """
     Replay buffer with proportional prioritized sampling (Schaul et al. 2016) of sub-trajectories
@@ -212,7 +217,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         if problems:
             raise ValueError("Inconsistent replay buffer: " + "; ".join(problems))
 
-        stored = rows if self.full else self.pos
+        stored = self.size()
         leaves = tree.nodes[tree.n_leaves :]
         if not (np.all(np.isfinite(tree.nodes)) and np.all(tree.nodes >= 0)):
             problems.append("non-finite or negative priorities")
@@ -263,7 +268,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
                 f"horizon must be in [1, {self.buffer_size}) (the buffer's length per env), got "
                 f"{horizon}: a horizon larger than the buffer can serve"
             )
-        n_stored = (self.buffer_size if self.full else self.pos) * self.n_envs
+        n_stored = self.size() * self.n_envs
         if n_stored == 0:
             raise ValueError("Cannot sample from an empty replay buffer")
 

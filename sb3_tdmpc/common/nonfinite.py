@@ -16,6 +16,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from sb3_tdmpc.common import checkpoint
+from sb3_tdmpc.common.buffers import last_written_row
 
 
 def finite_rows(values: np.ndarray | dict[str, np.ndarray], n_envs: int) -> np.ndarray:
@@ -106,8 +107,7 @@ class NonFiniteTransitions:
         )
         infos = [dict(info) for info in infos]
         last_obs = np.asarray(self._last_obs)
-        has_previous = replay_buffer.full or replay_buffer.pos > 0
-        previous_row = (replay_buffer.pos - 1) % replay_buffer.buffer_size
+        previous_row = last_written_row(replay_buffer)
         for i in np.flatnonzero(bad_transition | bad_next_obs):
             what = "reward" if not np.isfinite(reward[i]).all() else "observation"
             action = (
@@ -123,7 +123,7 @@ class NonFiniteTransitions:
             )
             if bad_transition[i]:
                 self.num_nonfinite_transitions += 1
-                if has_previous and not replay_buffer.dones[previous_row, i]:
+                if previous_row is not None and not replay_buffer.dones[previous_row, i]:
                     replay_buffer.dones[previous_row, i] = 1
                     replay_buffer.timeouts[previous_row, i] = 1
                 reward[i] = 0.0

@@ -31,7 +31,7 @@ from stable_baselines3.common.utils import LinearSchedule, polyak_update, should
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_wrapper
 
 from sb3_tdmpc.common import checkpoint
-from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples
+from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples, last_written_row
 from sb3_tdmpc.common.nonfinite import NonFiniteTransitions, all_finite
 from sb3_tdmpc.envs.dmc import ensure_shimmy_envs
 from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation, flatten_dict_observation, is_flattenable_dict
@@ -320,7 +320,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
         if dropped is not None and hasattr(replay_buffer, "tree"):
             # The placeholders written for dropped transitions are never drawn as sequence starts.
-            row = (replay_buffer.pos - 1) % replay_buffer.buffer_size
+            row = last_written_row(replay_buffer)
             replay_buffer.tree.update(row * replay_buffer.n_envs + np.flatnonzero(dropped[0]), 0.0)
         # Off-policy SB3 never updates this; the planner's warm start must reset where an episode ended.
         self._last_episode_starts = dones
@@ -744,9 +744,9 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     def _close_open_episodes(self) -> None:
         """Mark the last stored transition of each env as a time-out unless it already ends an episode."""
         rb = self.replay_buffer
-        if rb is None or not (rb.full or rb.pos > 0):
+        row = None if rb is None else last_written_row(rb)
+        if row is None:
             return
-        row = (rb.pos - 1) % rb.buffer_size
         unfinished = rb.dones[row] == 0
         rb.timeouts[row, unfinished] = 1
         rb.dones[row, unfinished] = 1
