@@ -16,7 +16,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
-from conftest import TINY
+from conftest import TINY, TINY_POLICY
 from gymnasium import spaces
 from stable_baselines3 import SAC
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
@@ -271,6 +271,15 @@ def test_unknown_metaworld_task_lists_close_matches():
 def test_invalid_settings_are_refused():
     with pytest.raises(ValueError, match="optimize_memory_usage"):
         TDMPC("Pendulum-v1", optimize_memory_usage=True)
+    # gamma and horizon are the updates' as well as the planner's: policy_kwargs may not make them differ
+    for key, value, match in (
+        ("gamma", 0.9, "gamma=0.9 but TDMPC's gamma is 0.99"),
+        ("horizon", 7, "horizon=7 but TDMPC's horizon is 3"),
+    ):
+        with pytest.raises(ValueError, match=f"policy_kwargs sets {match}"):
+            TDMPC("Pendulum-v1", **{**TINY, "policy_kwargs": {**TINY_POLICY, key: value}})
+    same = TDMPC("Pendulum-v1", **{**TINY, "policy_kwargs": {**TINY_POLICY, "horizon": 3, "num_samples": 24}})
+    assert same.policy.num_samples == 24  # other planner settings: policy_kwargs take precedence
     model = TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})  # fine to act with
     with pytest.raises(ValueError, match="holds 10 steps per env, too few for sequences of horizon 10"):
         model.learn(100)

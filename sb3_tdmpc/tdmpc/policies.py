@@ -739,6 +739,25 @@ def min_q_of_policy(model: nn.Module, q: nn.Module, z: th.Tensor, std: float) ->
     return q(z, model.pi(z, std)).min(dim=0).values
 
 
+def stepwise_return(
+    next_fn: Callable[[th.Tensor, th.Tensor], tuple[th.Tensor, th.Tensor]],
+    z: th.Tensor,
+    actions: th.Tensor,
+    gamma: float,
+) -> tuple[th.Tensor, th.Tensor]:
+    """
+    ``sum_t gamma^t R(z_t, a_t)`` and ``z_H``, one ``z_{t+1}, r_t = next_fn(z_t, a_t)`` step at a time.
+
+    :param z: Start latents ``[..., latent_dim]``, one per action sequence
+    :param actions: Action sequences ``[H, ..., action_dim]``
+    """
+    value, discount = th.zeros((), device=z.device, dtype=z.dtype), 1.0
+    for action in actions:
+        z, reward = next_fn(z, action)
+        value, discount = value + discount * reward, discount * gamma
+    return value, z
+
+
 def policy_rollout(
     model: nn.Module, z: th.Tensor, num_trajectories: int, horizon: int, std: float, gamma: float
 ) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
@@ -881,13 +900,9 @@ class WorldModel(nn.Module):
         :return: Discounted reward sums ``[E, N, 1]`` and final latents ``[E, N, latent_dim]``
         """
         horizon, num_envs, num_seq, action_dim = actions.shape
-        value, discount = th.zeros((), device=z.device, dtype=z.dtype), 1.0
         if not self._fast_next():
-            z = z.unsqueeze(1).expand(num_envs, num_seq, -1)
-            for action in actions:
-                z, reward = self.next(z, action)
-                value, discount = value + discount * reward, discount * gamma
-            return value, z
+            return stepwise_return(self.next, z.unsqueeze(1).expand(num_envs, num_seq, -1), actions, gamma)
+        value, discount = th.zeros((), device=z.device, dtype=z.dtype), 1.0
         weight_t, bias = self._fused_first_layer()
         latent_dim = z.shape[-1]
         # t = 0: W [z, a] + b = W_a a + (W_z z + b), with W_z z + b per environment.
@@ -1126,32 +1141,15 @@ class TDMPCPolicy(BasePolicy):
 
     # ------------------------------------------------------------------ planning
 
-    def estimate_value(self, z: th.Tensor, actions: th.Tensor) -> th.Tensor:
-        """
-        G = sum_t gamma^t R(z_t, a_t) + gamma^H min Q(z_H, pi(z_H)).
-
-        :param z: Start latents ``[..., latent_dim]``
-        :param actions: Action sequences ``[H, ..., action_dim]``
-        :return: Returns ``[..., 1]``
-        """
-        value, discount = th.zeros((), device=z.device), 1.0
-        for action in actions:
-            z, reward = self.model.next(z, action)
-            value = value + discount * reward
-            discount *= self.gamma
-        return value + discount * min_q_of_policy(self.model, self.model.q, z, self.min_std)
-
     def _rollout_return(self, z: th.Tensor, actions: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         """``sum_t gamma^t R(z_t, a_t)`` ``[E, N, 1]`` and ``z_H [E, N, latent]`` from ``z_0 [E, latent]``."""
         rollout = getattr(self.model, "rollout_return", None)
         if rollout is not None:
             return rollout(z, actions, self.gamma)
         # Any model with TOLD's interface (encode, next, pi, q), e.g. a hand-made one in a test.
-        value, discount = th.zeros((), device=z.device), 1.0
-        z = z.unsqueeze(1).expand(*actions.shape[1:3], -1)
-        for action in actions:
-            z, reward = self.model.next(z, action)
-            value, discount = value + discount * reward, discount * self.gamma
+        value, z = stepwise_return(
+            self.model.next, z.unsqueeze(1).expand(*actions.shape[1:3], -1), actions, self.gamma
+        )
         return value.expand(*actions.shape[1:3], 1), z
 
     def plan(

@@ -124,7 +124,10 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     :param temperature: Softmax temperature over elite returns
     :param momentum: Weight of the previous mean when refitting
     :param min_std: Noise of the policy prior's actions (in planning and in TD targets)
-    :param policy_kwargs: Network sizes (``latent_dim``, ``mlp_dim``, ``enc_dim``, ``num_q``) and optimizer
+    :param policy_kwargs: Arguments of the policy (:class:`TDMPCPolicy`): network sizes (``latent_dim``,
+        ``mlp_dim``, ``enc_dim``, ``num_q``), optimizer, ``torch_compile``; a planner setting given here
+        (``num_samples``, ...) takes precedence over TDMPC's argument of the same name, except ``gamma`` and
+        ``horizon``, which the updates read too: a different value there is a ``ValueError``
     :param stats_window_size: Window size for the rollout logging (episodes)
     :param tensorboard_log: The log location for tensorboard (if None, no logging)
     :param verbose: Verbosity level: 0 no output, 1 info, 2 debug
@@ -242,6 +245,13 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             momentum=momentum,
             min_std=min_std,
         )
+        for key in ("gamma", "horizon"):  # the TD targets and the training sequences read TDMPC's own
+            if key in self.policy_kwargs and self.policy_kwargs[key] != planner_kwargs[key]:
+                raise ValueError(
+                    f"policy_kwargs sets {key}={self.policy_kwargs[key]!r} but TDMPC's {key} is "
+                    f"{planner_kwargs[key]!r}: the updates use it as well as the planner, so give it as "
+                    f"TDMPC's argument ({key}=...) instead"
+                )
         self.policy_kwargs = {**planner_kwargs, **self.policy_kwargs}
         # The planner's warm start for the training envs (predict's state), reset at episode starts.
         self._plan_state: tuple[np.ndarray, ...] | None = None
