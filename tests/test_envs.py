@@ -1,21 +1,16 @@
-import os
+import importlib
+import warnings
 
-# MuJoCo picks its GL backend when a context is first made; headless machines need EGL.
-os.environ.setdefault("MUJOCO_GL", "egl")
+import gymnasium as gym
+import metaworld
+import mujoco
+import numpy as np
+import pytest
+from conftest import gl_context_error
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.monitor import Monitor
 
-import importlib  # noqa: E402
-import warnings  # noqa: E402
-
-import gymnasium as gym  # noqa: E402
-import metaworld  # noqa: E402
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from conftest import gl_context_error  # noqa: E402
-from gymnasium.utils.env_checker import check_env  # noqa: E402
-from stable_baselines3.common.monitor import Monitor  # noqa: E402
-
-from sb3_tdmpc.envs.metaworld import (  # noqa: E402
+from sb3_tdmpc.envs.metaworld import (
     DEFAULT_CAMERA,
     METAWORLD_TASKS,
     ActionRepeat,
@@ -23,8 +18,6 @@ from sb3_tdmpc.envs.metaworld import (  # noqa: E402
     make_metaworld_env,
     register_metaworld_envs,
 )
-
-register_metaworld_envs()  # importing sb3_tdmpc.envs does it too; this keeps the module standalone
 
 EPISODE_SIM_STEPS = 500
 

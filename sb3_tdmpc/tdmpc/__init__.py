@@ -1,4 +1,4 @@
-from sb3_tdmpc.tdmpc.policies import MlpPolicy, TDMPCPolicy
+from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy
 from sb3_tdmpc.tdmpc.tdmpc import TDMPC
 
-__all__ = ["TDMPC", "MlpPolicy", "TDMPCPolicy"]
+__all__ = ["TDMPC", "CnnPolicy", "MlpPolicy", "TDMPCPolicy"]

@@ -21,6 +21,7 @@ from stable_baselines3.common.preprocessing import (
     is_image_space_channels_first,
     preprocess_obs,
 )
+from stable_baselines3.common.torch_layers import create_mlp
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from stable_baselines3.common.utils import get_device
 from torch import nn
@@ -30,12 +31,7 @@ from sb3_tdmpc.common import cpu_kernels
 
 def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
     """Linear-ELU layers, then a linear output (TD-MPC's ``h.mlp`` and state encoder)."""
-    layers: list[nn.Module] = []
-    for dim in hidden_dims:
-        layers += [nn.Linear(in_dim, dim), nn.ELU()]
-        in_dim = dim
-    layers.append(nn.Linear(in_dim, out_dim))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*create_mlp(in_dim, out_dim, hidden_dims, nn.ELU))
 
 
 # ---------------------------------------------------------------------------- fast paths
@@ -667,7 +663,7 @@ class QEnsemble(nn.Module):
         with th.no_grad():
             for weight in self.weights[:-1]:
                 for member in range(num_q):
-                    # Orthogonal like nn.Linear's (out, in) weight, stored transposed for baddbmm.
+                    # Orthogonal like nn.Linear's (out, in) weight, stored [in, out] for x @ W.
                     nn.init.orthogonal_(weight[member].T)
         # TD-MPC zeroes the output layer of Q.
         nn.init.zeros_(self.weights[-1])

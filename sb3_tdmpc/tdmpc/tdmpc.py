@@ -438,11 +438,11 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         q_pred = model.q(z_start, actions)
 
         # rho^t, zero for steps past the end of the start's episode.
-        weight_t = self.rho ** th.arange(horizon, device=obs.device, dtype=obs.dtype).view(-1, 1, 1) * masks
+        rho_t = self._rho_powers(horizon, like=obs) * masks
         td_error = q_pred - td_target
-        consistency_loss = (weight_t * (z_pred - consistency_target).pow(2).mean(dim=-1, keepdim=True)).sum(0)
-        reward_loss = (weight_t * (reward_pred - rewards).pow(2)).sum(0)
-        value_loss = (weight_t * td_error.pow(2).sum(0)).sum(0)
+        consistency_loss = (rho_t * (z_pred - consistency_target).pow(2).mean(dim=-1, keepdim=True)).sum(0)
+        reward_loss = (rho_t * (reward_pred - rewards).pow(2)).sum(0)
+        value_loss = (rho_t * td_error.pow(2).sum(0)).sum(0)
 
         total_loss = (
             self.consistency_coef * consistency_loss.clamp(max=1e4)
@@ -454,7 +454,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
 
         with th.no_grad():
             td_abs = td_error.abs()
-            priorities = (weight_t * td_abs.sum(0)).sum(0).clamp(max=1e4).squeeze(-1)
+            priorities = (rho_t * td_abs.sum(0)).sum(0).clamp(max=1e4).squeeze(-1)
             td_error_mean = (td_abs.mean(0) * masks).sum() / masks.sum().clamp(min=1)
         terms = (consistency_loss, reward_loss, value_loss)
         return loss, terms, priorities, td_error_mean, z_rollout.detach()
@@ -483,11 +483,12 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         model = self.policy.model
         # z_0 is always valid; z_{t+1} is valid where transition t is.
         valid = th.cat([th.ones_like(masks[:1]), masks])
-        weight_t = self.rho ** th.arange(len(latents), device=latents.device, dtype=latents.dtype).view(
-            -1, 1, 1
-        )
         q = min_q_of_policy(model, model.q, latents, self.policy.min_std)
-        return -(weight_t * valid * q).sum(0).mean()
+        return -(self._rho_powers(len(latents), like=latents) * valid * q).sum(0).mean()
+
+    def _rho_powers(self, length: int, like: th.Tensor) -> th.Tensor:
+        """rho^t for t < ``length``, ``[length, 1, 1]``: each step's weight in the losses."""
+        return self.rho ** th.arange(length, device=like.device, dtype=like.dtype).view(-1, 1, 1)
 
     def _check_finite(self, grad_norm: th.Tensor, *losses: th.Tensor, **named: th.Tensor) -> None:
         """Stop before a non-finite gradient reaches the weights, naming the step and the loss term."""
