@@ -237,6 +237,7 @@ def test_cnn_policy_trains_on_several_image_envs():
 def test_pixel_env_trains_with_cnn_policy(renderer, tmp_path):
     env = gym.make("dmc/cartpole-swingup-pixels-v0")
     assert env.observation_space == spaces.Box(0, 255, (9, 84, 84), np.uint8)
+    assert env.action_space == spaces.Box(-1, 1, (1,), np.float32)  # dm-control's float64, as the state ids'
     model = TDMPC("CnnPolicy", env, seed=0, **TINY_PIXELS)
     assert model.get_env().observation_space == env.observation_space  # no VecTransposeImage
     model.learn(300)

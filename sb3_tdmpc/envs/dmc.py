@@ -13,7 +13,6 @@ flattens Dict observations itself. dm-control episodes last 1000 simulator steps
 
 from __future__ import annotations
 
-import difflib
 import types
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from gymnasium import spaces
 from gymnasium.envs.registration import load_env_creator
 
-from sb3_tdmpc.envs.wrappers import ActionRepeat, FlattenDictObservation, PixelObservation
+from sb3_tdmpc.envs.wrappers import ActionRepeat, FlattenDictObservation, PixelObservation, check_task
 
 # dm_control.suite.ALL_TASKS of dm-control 1.0.28, as "<domain>-<task>" (tests check it matches).
 DMC_TASKS: tuple[str, ...] = (
@@ -62,11 +61,7 @@ _ENTRY_POINT = "sb3_tdmpc.envs.dmc:make_dmc_env"
 
 
 def _check_task(task: str) -> str:
-    if task not in DMC_TASKS:
-        matches = difflib.get_close_matches(task, DMC_TASKS, n=5)
-        hint = f"Did you mean: {', '.join(matches)}?" if matches else f"Known tasks: {', '.join(DMC_TASKS)}."
-        raise ValueError(f"Unknown DeepMind Control task {task!r}. {hint}")
-    return task
+    return check_task(task, DMC_TASKS, "DeepMind Control")
 
 
 def tdmpc_action_repeat(task: str) -> int:
@@ -97,14 +92,8 @@ def _patch_quadruped() -> None:
 def _shimmy_creator(task: str) -> Any:
     """Shimmy's entry point for ``dm_control/<task>-v0``, registering shimmy's ids on first use."""
     env_id = f"dm_control/{task}-v0"
-    if env_id not in gym.registry:
-        try:
-            import shimmy
-        except ImportError as error:
-            raise ImportError(
-                'DeepMind Control tasks need dm-control and shimmy: pip install "sb3-tdmpc[dmc]"'
-            ) from error
-        gym.register_envs(shimmy)
+    if env_id not in gym.registry and not _register_shimmy_envs():
+        raise ImportError('DeepMind Control tasks need dm-control and shimmy: pip install "sb3-tdmpc[dmc]"')
     if env_id not in gym.registry:
         raise ImportError(f'{env_id} is unknown: is dm-control installed? pip install "sb3-tdmpc[dmc]"')
     if task.startswith("quadruped-"):
@@ -117,15 +106,17 @@ def _shimmy_creator(task: str) -> Any:
 def ensure_shimmy_envs(env_id: Any) -> None:
     """Register shimmy's ids if ``env_id`` is an unregistered ``dm_control/...`` id (no-op otherwise)."""
     if isinstance(env_id, str) and env_id.startswith("dm_control/") and env_id not in gym.registry:
-        try:
-            import shimmy
-        except ImportError:
-            return  # gymnasium's own error names the missing namespace
-        gym.register_envs(shimmy)
+        _register_shimmy_envs()  # without shimmy, gymnasium's own error names the missing namespace
 
 
-def _to_float32(observation: np.ndarray) -> np.ndarray:
-    return np.asarray(observation, dtype=np.float32)
+def _register_shimmy_envs() -> bool:
+    """Register shimmy's ``dm_control/...`` ids; False where shimmy is not installed."""
+    try:
+        import shimmy
+    except ImportError:
+        return False
+    gym.register_envs(shimmy)
+    return True
 
 
 def make_dmc_env(
@@ -174,16 +165,18 @@ def make_dmc_env(
     if seed is not None:
         env.reset(seed=seed)
     env = ActionRepeat(env, action_repeat)  # type: ignore[arg-type]
-    if from_pixels:
-        return PixelObservation(env, frame_stack=frame_stack, image_size=image_size)
-    env = FlattenDictObservation(env)
-    # float64 actions as dm-control declares them would make SB3 store float64; the bounds are kept.
+    env = (
+        PixelObservation(env, frame_stack=frame_stack, image_size=image_size)
+        if from_pixels
+        else FlattenDictObservation(env)
+    )
+    # dm-control declares float64 actions: float32 (bounds kept), as the policy plans and SB3 stores them.
     action_space = env.action_space
     assert isinstance(action_space, spaces.Box)
     env.action_space = spaces.Box(
         action_space.low.astype(np.float32), action_space.high.astype(np.float32), dtype=np.float32
     )
-    return gym.wrappers.TransformObservation(env, _to_float32, env.observation_space)
+    return env
 
 
 def register_dmc_envs() -> None:

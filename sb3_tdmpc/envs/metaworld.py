@@ -9,7 +9,6 @@ Stable-Baselines3, reproducible ``reset(seed=...)`` and upright video frames.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from collections.abc import Iterator
 from typing import Any, SupportsFloat
 
@@ -21,7 +20,7 @@ from gymnasium import spaces
 from gymnasium.wrappers import TransformObservation
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-from sb3_tdmpc.envs.wrappers import ActionRepeat, PixelObservation
+from sb3_tdmpc.envs.wrappers import ActionRepeat, PixelObservation, check_task
 
 METAWORLD_TASKS: tuple[str, ...] = tuple(sorted(ALL_V3_ENVIRONMENTS))
 """Every Meta-World MT1 task name, sorted."""
@@ -146,13 +145,7 @@ def make_metaworld_env(
         ``reward_function_version``, ...).
     :return: The wrapped environment.
     """
-    if task not in METAWORLD_TASKS:
-        matches = difflib.get_close_matches(task, METAWORLD_TASKS, n=5)
-        if matches:
-            hint = f"Did you mean: {', '.join(matches)}?"
-        else:
-            hint = f"Known tasks: {', '.join(METAWORLD_TASKS)}."
-        raise ValueError(f"Unknown Meta-World task {task!r}. {hint}")
+    check_task(task, METAWORLD_TASKS, "Meta-World")
     if camera_name is None and kwargs.get("camera_id") is None:
         camera_name = DEFAULT_CAMERA
 

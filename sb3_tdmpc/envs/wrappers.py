@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
@@ -30,6 +32,15 @@ __all__ = [
     "flat_box",
     "is_flattenable_dict",
 ]
+
+
+def check_task(task: str, known: Sequence[str], suite: str) -> str:
+    """``task`` if it is one of ``known``; else a ``ValueError`` naming the closest matches."""
+    if task not in known:
+        matches = difflib.get_close_matches(task, known, n=5)
+        hint = f"Did you mean: {', '.join(matches)}?" if matches else f"Known tasks: {', '.join(known)}."
+        raise ValueError(f"Unknown {suite} task {task!r}. {hint}")
+    return task
 
 
 class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):
