@@ -124,6 +124,21 @@ def last_written_row(buffer: ReplayBuffer) -> int | None:
     return None if buffer.size() == 0 else (buffer.pos - 1) % buffer.buffer_size
 
 
+def close_episodes(buffer: ReplayBuffer, envs: np.ndarray | list[int] | slice = slice(None)) -> None:
+    """
+    Mark the last transition stored for each of ``envs`` as a time-out where it does not already end
+    an episode, so that no sequence runs on from it into what that env stores next.
+    """
+    row = last_written_row(buffer)
+    if row is None:
+        return
+    chosen = np.zeros(buffer.n_envs, dtype=bool)
+    chosen[envs] = True
+    unfinished = chosen & (buffer.dones[row] == 0)
+    buffer.timeouts[row, unfinished] = 1
+    buffer.dones[row, unfinished] = 1
+
+
 class PrioritizedReplayBuffer(ReplayBuffer):
     """
     Replay buffer with proportional prioritized sampling (Schaul et al. 2016) of sub-trajectories
@@ -318,6 +333,12 @@ class PrioritizedReplayBuffer(ReplayBuffer):
     def _gather(array: np.ndarray, flat_indices: np.ndarray) -> np.ndarray:
         # np.take on the [buffer_size * n_envs, ...] view is several times faster than a[pos, env].
         return np.take(array.reshape(-1, *array.shape[2:]), flat_indices, axis=0)
+
+    def never_start_at_last(self, envs: np.ndarray) -> None:
+        """Zero the priority of the last transition stored for each of ``envs``: no sequence starts there."""
+        row = last_written_row(self)
+        if row is not None:
+            self.tree.update(row * self.n_envs + np.asarray(envs), 0.0)
 
     def update_priorities(self, indices: np.ndarray, priorities: np.ndarray | th.Tensor) -> None:
         """

@@ -16,7 +16,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.vec_env import VecEnvWrapper
 
 from sb3_tdmpc.common import checkpoint
-from sb3_tdmpc.common.buffers import last_written_row
+from sb3_tdmpc.common.buffers import close_episodes
 
 
 def finite_rows(values: np.ndarray | dict[str, np.ndarray], n_envs: int) -> np.ndarray:
@@ -107,7 +107,6 @@ class NonFiniteTransitions:
         )
         infos = [dict(info) for info in infos]
         last_obs = np.asarray(self._last_obs)
-        previous_row = last_written_row(replay_buffer)
         for i in np.flatnonzero(bad_transition | bad_next_obs):
             what = "reward" if not np.isfinite(reward[i]).all() else "observation"
             action = (
@@ -123,9 +122,7 @@ class NonFiniteTransitions:
             )
             if bad_transition[i]:
                 self.num_nonfinite_transitions += 1
-                if previous_row is not None and not replay_buffer.dones[previous_row, i]:
-                    replay_buffer.dones[previous_row, i] = 1
-                    replay_buffer.timeouts[previous_row, i] = 1
+                close_episodes(replay_buffer, [i])
                 reward[i] = 0.0
                 dones[i] = True
                 infos[i]["terminal_observation"] = np.array(last_obs[i], copy=True)

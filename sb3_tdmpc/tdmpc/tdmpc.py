@@ -31,7 +31,7 @@ from stable_baselines3.common.utils import LinearSchedule, polyak_update, should
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_wrapper
 
 from sb3_tdmpc.common import checkpoint
-from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples, last_written_row
+from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples, close_episodes
 from sb3_tdmpc.common.nonfinite import NonFiniteTransitions, all_finite
 from sb3_tdmpc.envs.dmc import ensure_shimmy_envs
 from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation, flatten_dict_observation, is_flattenable_dict
@@ -328,10 +328,9 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 replay_buffer, *dropped, new_obs, reward, dones, infos
             )
         super()._store_transition(replay_buffer, buffer_action, new_obs, reward, dones, infos)
-        if dropped is not None and hasattr(replay_buffer, "tree"):
+        if dropped is not None and isinstance(replay_buffer, PrioritizedReplayBuffer):
             # The placeholders written for dropped transitions are never drawn as sequence starts.
-            row = last_written_row(replay_buffer)
-            replay_buffer.tree.update(row * replay_buffer.n_envs + np.flatnonzero(dropped[0]), 0.0)
+            replay_buffer.never_start_at_last(np.flatnonzero(dropped[0]))
         # Off-policy SB3 never updates this; the planner's warm start must reset where an episode ended.
         self._last_episode_starts = dones
 
@@ -754,13 +753,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
 
     def _close_open_episodes(self) -> None:
         """Mark the last stored transition of each env as a time-out unless it already ends an episode."""
-        rb = self.replay_buffer
-        row = None if rb is None else last_written_row(rb)
-        if row is None:
-            return
-        unfinished = rb.dones[row] == 0
-        rb.timeouts[row, unfinished] = 1
-        rb.dones[row, unfinished] = 1
+        if self.replay_buffer is not None:
+            close_episodes(self.replay_buffer)
 
     def _buffer_position(self) -> tuple[int, bool] | None:
         """The replay buffer's write position: a saved model records it to recognise its own buffer."""
