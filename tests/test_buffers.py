@@ -1,8 +1,3 @@
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch as th
@@ -10,26 +5,7 @@ from gymnasium import spaces
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.utils import set_random_seed
 
-
-def _import_buffers():
-    try:
-        return importlib.import_module("sb3_tdmpc.common.buffers")
-    except ImportError:
-        # sb3_tdmpc/__init__.py imports sibling modules, which may be broken or missing while the
-        # package is being built: load this module on its own (registered, so that pickle finds it).
-        name = "_sb3_tdmpc_common_buffers"
-        path = Path(__file__).resolve().parents[1] / "sb3_tdmpc" / "common" / "buffers.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-        return module
-
-
-buffers = _import_buffers()
-PrioritizedReplayBuffer = buffers.PrioritizedReplayBuffer
-SumTree = buffers.SumTree
-
+from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SumTree
 
 # --------------------------------------------------------------------------- SumTree
 
@@ -84,7 +60,7 @@ def test_sumtree_stays_exact_after_random_updates_with_duplicates():
 def test_sumtree_duplicate_indices_last_write_wins():
     tree = SumTree(4)
     tree.update(np.array([3, 1, 3, 3]), np.array([1.0, 2.0, 5.0, 7.0]))
-    np.testing.assert_array_equal(tree[np.arange(4)], [0.0, 2.0, 0.0, 7.0])
+    np.testing.assert_array_equal(tree.get(np.arange(4)), [0.0, 2.0, 0.0, 7.0])
     assert tree.total == 9.0
 
 

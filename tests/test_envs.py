@@ -10,6 +10,7 @@ from conftest import gl_context_error
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.monitor import Monitor
 
+from sb3_tdmpc.envs.dmc import make_dmc_env
 from sb3_tdmpc.envs.metaworld import (
     DEFAULT_CAMERA,
     METAWORLD_TASKS,
@@ -270,6 +271,8 @@ def test_unknown_task_lists_close_matches():
         make_metaworld_env("door-opne-v3")
     with pytest.raises(ValueError, match="Known tasks: assembly-v3"):
         make_metaworld_env("zzz")
+    with pytest.raises(ValueError, match=r"DeepMind Control task 'walker-wlak'\. Did you mean: walker-walk"):
+        make_dmc_env("walker-wlak")  # before dm-control is imported
 
 
 def test_corner_cameras_are_upright(reach_env):

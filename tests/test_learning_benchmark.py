@@ -28,7 +28,7 @@ TINY_TDMPC = [
 ]
 
 
-def run_benchmark(tmp_path: Path, *args: str) -> list[dict[str, str]]:
+def run_benchmark(tmp_path: Path, *args: str) -> Path:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "out"
     subprocess.run(

@@ -19,6 +19,7 @@ import torch as th
 from conftest import TINY, TINY_POLICY
 from gymnasium import spaces
 from stable_baselines3 import SAC
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
@@ -27,7 +28,6 @@ from stable_baselines3.common.vec_env import VecFrameStack
 import sb3_tdmpc  # noqa: F401  (registers the Meta-World ids)
 from sb3_tdmpc import TDMPC
 from sb3_tdmpc.common.checkpoint import CheckpointError, NonFiniteTransitionWarning, ResumeWarning
-from sb3_tdmpc.envs.metaworld import make_metaworld_env
 
 BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
@@ -262,8 +262,6 @@ def test_unsupported_spaces_are_refused(observation_space, action_space, match):
 
 
 def test_unknown_metaworld_task_lists_close_matches():
-    with pytest.raises(ValueError, match=r"Unknown Meta-World task 'rech-v3'. Did you mean: reach-v3"):
-        make_metaworld_env("rech-v3")
     with pytest.raises(gym.error.NameNotFound, match="Did you mean: `reach`"):
         TDMPC("rech-v3")
 
@@ -280,6 +278,13 @@ def test_invalid_settings_are_refused():
             TDMPC("Pendulum-v1", **{**TINY, "policy_kwargs": {**TINY_POLICY, key: value}})
     same = TDMPC("Pendulum-v1", **{**TINY, "policy_kwargs": {**TINY_POLICY, "horizon": 3, "num_samples": 24}})
     assert same.policy.num_samples == 24  # other planner settings: policy_kwargs take precedence
+
+    class NoPriorities(ReplayBuffer):
+        def sample_sequences(self, batch_size, horizon, env=None): ...
+
+    for buffer_class in (ReplayBuffer, NoPriorities):  # updates need sequences and new priorities
+        with pytest.raises(TypeError, match=r"sample_sequences\(\) and update_priorities\(\)"):
+            TDMPC("Pendulum-v1", **TINY, replay_buffer_class=buffer_class)
     model = TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})  # fine to act with
     with pytest.raises(ValueError, match="holds 10 steps per env, too few for sequences of horizon 10"):
         model.learn(100)

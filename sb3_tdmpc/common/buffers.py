@@ -32,6 +32,7 @@ class SumTree:
 
     @property
     def total(self) -> float:
+        """The sum of all leaves (the root)."""
         return float(self.nodes[1])
 
     def _check_indices(self, leaf_indices: np.ndarray) -> np.ndarray:
@@ -41,10 +42,8 @@ class SumTree:
         return leaf_indices
 
     def get(self, leaf_indices: np.ndarray) -> np.ndarray:
+        """The values of the leaves ``leaf_indices``."""
         return self.nodes[self.n_leaves + self._check_indices(leaf_indices)]
-
-    def __getitem__(self, leaf_indices: np.ndarray) -> np.ndarray:
-        return self.get(leaf_indices)
 
     def update(self, leaf_indices: np.ndarray, values: np.ndarray) -> None:
         """
@@ -199,6 +198,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.max_priority = 1.0
 
     def reset(self) -> None:
+        """Empty the buffer, its priorities included."""
         super().reset()
         self.tree = SumTree(self.buffer_size * self.n_envs)
         self.max_priority = 1.0
@@ -259,6 +259,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         done: np.ndarray,
         infos: list[dict[str, Any]],
     ) -> None:
+        """SB3's ``add``; the new transitions get the largest priority seen so far, so each is drawn soon."""
         pos = self.pos  # super().add advances it
         super().add(obs, next_obs, action, reward, done, infos)
         leaves = pos * self.n_envs + np.arange(self.n_envs)

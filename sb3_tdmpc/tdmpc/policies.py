@@ -1023,7 +1023,7 @@ class TDMPCPolicy(BasePolicy):
         self.momentum = momentum
         self.min_std = min_std
         self.max_std = max_std
-        # Scheduled by the algorithm from its step count; these are the values at step 0.
+        # Scheduled by TDMPC from its step count; until then, its defaults' values at step 0.
         self.planning_horizon = 1
         self.std_floor = 0.5
         self.torch_compile = torch_compile
@@ -1154,7 +1154,7 @@ class TDMPCPolicy(BasePolicy):
         """
         Plan an action for each environment in one batch.
 
-        :param obs: Observations ``[E, obs_dim]``
+        :param obs: Observations ``[E, *observation_shape]`` (flat states, or images for CnnPolicy)
         :param warm_start: The previous step's plan means ``[E, H', A]`` (any H'), already zeroed for
             environments that start an episode; None plans from scratch.
         :param explore: Add exploration noise of the final planner std to the action

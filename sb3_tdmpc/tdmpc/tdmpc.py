@@ -8,7 +8,7 @@ import pickle
 import time
 import warnings
 from collections.abc import Iterable
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import torch as th
@@ -51,6 +51,11 @@ def _same_row(a: Any, b: Any, index: int) -> bool:
         )
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[index], b[index])
+
+
+def _trains_on_sequences(buffer: Any) -> bool:
+    """Whether a replay buffer (class or instance) serves TD-MPC's updates, as PrioritizedReplayBuffer."""
+    return hasattr(buffer, "sample_sequences") and hasattr(buffer, "update_priorities")
 
 
 def _check_action_space(action_space: spaces.Space) -> None:
@@ -275,7 +280,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         flattener = self.env is not None and unwrap_vec_wrapper(self.env, VecFlattenDictObservation)
         if flattener:
             self.dict_observation_space = flattener.dict_space
-        if not hasattr(self.replay_buffer_class, "sample_sequences"):
+        if not _trains_on_sequences(self.replay_buffer_class):
             raise TypeError(
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
                 f"PrioritizedReplayBuffer; got {self.replay_buffer_class}"
@@ -383,7 +388,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         grad_norm = th.nn.utils.clip_grad_norm_(
             [p for group in policy.optimizer.param_groups for p in group["params"]], self.max_grad_norm
         )
-        self._check_finite(grad_norm, consistency_loss, reward_loss, value_loss)
+        losses = {"consistency_loss": consistency_loss, "reward_loss": reward_loss, "value_loss": value_loss}
+        self._check_finite(grad_norm, losses, step="world_model")
         policy.optimizer.step()
         self.replay_buffer.update_priorities(data.indices, priorities)
 
@@ -473,7 +479,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         policy.pi_optimizer.zero_grad(set_to_none=True)
         pi_loss.backward()
         grad_norm = th.nn.utils.clip_grad_norm_(model.pi_net.parameters(), self.max_grad_norm)
-        self._check_finite(grad_norm, pi_loss=pi_loss)
+        self._check_finite(grad_norm, {"pi_loss": pi_loss}, step="policy_prior")
         policy.pi_optimizer.step()
         return pi_loss.detach()
 
@@ -489,15 +495,16 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         """rho^t for t < ``length``, ``[length, 1, 1]``: each step's weight in the losses."""
         return self.rho ** th.arange(length, device=like.device, dtype=like.dtype).view(-1, 1, 1)
 
-    def _check_finite(self, grad_norm: th.Tensor, *losses: th.Tensor, **named: th.Tensor) -> None:
+    def _check_finite(
+        self, grad_norm: th.Tensor, losses: dict[str, th.Tensor], step: Literal["world_model", "policy_prior"]
+    ) -> None:
         """Stop before a non-finite gradient reaches the weights, naming the step and the loss term."""
         if bool(th.isfinite(grad_norm)):
             return
-        terms = dict(zip(("consistency_loss", "reward_loss", "value_loss"), losses, strict=False)) | named
-        bad = [name for name, value in terms.items() if not bool(th.isfinite(value).all())] or ["gradient"]
+        bad = [name for name, value in losses.items() if not bool(th.isfinite(value).all())] or ["gradient"]
         unchanged = (
             "the policy prior was not changed (the world model had already taken this update's finite step)"
-            if "pi_loss" in named
+            if step == "policy_prior"
             else "no weight, optimizer state or priority was changed"
         )
         raise checkpoint.NonFiniteLossError(
@@ -791,10 +798,10 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
 
     def _check_replay_buffer(self, buffer: Any, source: str) -> None:
         """Refuse a replay buffer this model cannot train on, with a message naming where it came from."""
-        if not isinstance(buffer, ReplayBuffer) or not hasattr(buffer, "sample_sequences"):
+        if not isinstance(buffer, ReplayBuffer) or not _trains_on_sequences(buffer):
             raise checkpoint.CheckpointError(
-                f"{source} holds a {type(buffer).__name__}, not a replay buffer with sample_sequences() "
-                "such as PrioritizedReplayBuffer"
+                f"{source} holds a {type(buffer).__name__}, not a replay buffer with sample_sequences() and "
+                "update_priorities() such as PrioritizedReplayBuffer"
             )
         if buffer.observation_space != self.observation_space or buffer.action_space != self.action_space:
             raise checkpoint.CheckpointError(
