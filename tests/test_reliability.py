@@ -3,6 +3,7 @@
 docs/reliability.md lists each guarantee with the test here that proves it.
 """
 
+import io
 import pickle
 import random
 import re
@@ -23,7 +24,7 @@ from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
-from stable_baselines3.common.vec_env import VecFrameStack
+from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 
 import sb3_tdmpc  # noqa: F401  (registers the Meta-World ids)
 from sb3_tdmpc import TDMPC
@@ -163,6 +164,22 @@ def test_resume_past_the_seed_phase_without_the_replay_buffer_refills_it_then_tr
     assert resumed._n_updates - updates == 31
 
 
+def test_resume_under_vec_normalize_warns_and_resets_once(tmp_path):
+    env = VecNormalize(make_vec_env("Pendulum-v1", seed=0))
+    model = TDMPC("MlpPolicy", env, seed=0, **TINY)
+    model.learn(200)  # Pendulum's episodes end at 200 steps: an exact resume would be possible without it
+    model.save(tmp_path / "model")
+    model.save_replay_buffer(tmp_path / "buffer")
+    env.save(tmp_path / "vec_normalize.pkl")
+    env = VecNormalize.load(tmp_path / "vec_normalize.pkl", make_vec_env("Pendulum-v1", seed=0))
+    resumed = TDMPC.load(tmp_path / "model", env=env)
+    resumed.load_replay_buffer(tmp_path / "buffer")
+    count = env.obs_rms.count
+    with pytest.warns(ResumeWarning, match="wrapped in VecNormalize, whose state the model lacks"):
+        resumed.learn(10, reset_num_timesteps=False)
+    assert env.obs_rms.count == pytest.approx(count + 11)  # learn()'s one reset and 10 steps
+
+
 def test_resume_after_an_interrupted_learn_warns(tmp_path):
     class Interrupt(BaseCallback):
         def _on_step(self):
@@ -285,6 +302,16 @@ def test_invalid_settings_are_refused():
     for buffer_class in (ReplayBuffer, NoPriorities):  # updates need sequences and new priorities
         with pytest.raises(TypeError, match=r"sample_sequences\(\) and update_priorities\(\)"):
             TDMPC("Pendulum-v1", **TINY, replay_buffer_class=buffer_class)
+    for name, value in (
+        ("planning_iterations", 0),
+        ("num_elites", 0),
+        ("num_samples", 0),
+        ("policy_fraction", 1.5),
+    ):
+        with pytest.raises(ValueError, match=name):  # at construction, not after the seed phase
+            TDMPC("Pendulum-v1", **{**TINY, name: value})
+    with pytest.raises(ValueError, match="target_update_interval must be >= 1"):
+        TDMPC("Pendulum-v1", **TINY, target_update_interval=0)
     model = TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})  # fine to act with
     with pytest.raises(ValueError, match="holds 10 steps per env, too few for sequences of horizon 10"):
         model.learn(100)
@@ -294,6 +321,7 @@ def test_invalid_settings_are_refused():
 def test_a_model_loaded_to_act_needs_no_replay_buffer(tmp_path):
     model = TDMPC("Pendulum-v1", **TINY)
     model.save(tmp_path / "model")
+    (tmp_path / "model").mkdir()  # the zoo's run folder holds reach-v3.zip beside a reach-v3/ folder
     loaded = TDMPC.load(tmp_path / "model", buffer_size=1)
     assert loaded.replay_buffer.buffer_size == 1
     obs = np.zeros((1, 3), dtype=np.float32)
@@ -316,6 +344,21 @@ def test_batch_larger_than_the_stored_transitions_is_refused_before_any_step(kwa
     with pytest.raises(ValueError, match=rf"batch_size \(64\) is larger than the {stored} transitions"):
         model.learn(100)
     assert model.num_timesteps == 0
+
+
+def test_the_batch_size_check_counts_every_env_and_train_samples_by_hand():
+    # 4 envs: the first update comes after 13 env steps (52 > learning_starts 50), with 52 transitions.
+    env = make_vec_env("Pendulum-v1", n_envs=4, seed=0)
+    model = TDMPC("MlpPolicy", env, **{**TINY, "batch_size": 52, "seed_updates": 1})
+    model.learn(60)
+    assert model._n_updates == 3 and model.num_timesteps == 60  # at 52, 56 and 60 steps
+    # train() by hand samples whatever the buffer holds (with replacement, as TD-MPC), and raises when empty.
+    model.train(3, batch_size=200)
+    assert model._n_updates == 6
+    fresh = TDMPC("Pendulum-v1", **TINY)
+    fresh.set_logger(configure(None, []))  # what learn() sets up, as for SB3's own train()
+    with pytest.raises(ValueError, match="Cannot sample from an empty replay buffer"):
+        fresh.train(1, batch_size=16)
 
 
 @pytest.fixture
@@ -344,6 +387,18 @@ def test_truncated_or_corrupted_checkpoint_names_the_file(saved, tmp_path):
         CheckpointError, match=rf"{re.escape(str(corrupted))} is corrupted: member 'policy.pth' fails its CRC"
     ):
         TDMPC.load(corrupted)
+    for member in ("policy.optimizer.pth", "policy.pi_optimizer.pth"):  # SB3 alone: a KeyError / ValueError
+        lacking = tmp_path / f"without_{member}.zip"
+        with zipfile.ZipFile(path) as archive, zipfile.ZipFile(lacking, "w") as copy:
+            for info in archive.infolist():
+                if info.filename != member:
+                    copy.writestr(info, archive.read(info))
+        with pytest.raises(
+            CheckpointError, match=rf"without_{member}.zip is not a complete .* lacks {member}"
+        ):
+            TDMPC.load(lacking)
+    with pytest.raises(CheckpointError, match="the checkpoint file is not a .*model checkpoint"):
+        TDMPC.load(io.BytesIO(data[: len(data) // 2]))  # a file object: checked as well
 
 
 def test_truncated_or_inconsistent_buffer_names_the_file_and_keeps_the_current_buffer(saved, tmp_path):

@@ -28,8 +28,9 @@ def test_defaults_are_the_official_tdmpc_settings():
         planning_iterations=6, num_samples=512, num_elites=64, policy_fraction=0.05, temperature=0.5,
         momentum=0.1, min_std=0.05,
     )  # fmt: skip
-    assert {key: model.policy_kwargs[key] for key in planner} == planner
+    assert {key: getattr(model, key) for key in planner} == planner
     model._setup_model()
+    assert {key: getattr(model.policy, key) for key in planner} == planner  # the policy plans with them
     assert model.replay_buffer_class is PrioritizedReplayBuffer
     assert (model.replay_buffer.alpha, model.replay_buffer.beta) == (0.6, 0.4)
     world = model.policy.model
@@ -268,6 +269,23 @@ def test_save_load_gives_same_parameters_and_actions(tmp_path):
     th.manual_seed(1)
     a2, _ = loaded.predict(obs, deterministic=True)
     np.testing.assert_array_equal(a1, a2)
+
+
+def test_load_keyword_arguments_set_the_planner(tmp_path):
+    """As in SB3, load(path, **kwargs) changes the model: the planner too, gamma on both sides."""
+    TDMPC("Pendulum-v1", **TINY).save(tmp_path / "tdmpc")
+    changed = dict(num_samples=40, num_elites=5, planning_iterations=3, temperature=2.0, momentum=0.5)
+    loaded = TDMPC.load(tmp_path / "tdmpc", gamma=0.9, horizon=2, min_std=0.2, **changed)
+    policy = loaded.policy
+    assert {key: getattr(policy, key) for key in changed} == changed
+    assert (
+        policy.gamma == loaded.gamma == 0.9 and policy.min_std == 0.2 and policy.num_policy_trajectories == 2
+    )
+    assert policy.horizon == loaded.horizon == 2
+    loaded.save(tmp_path / "changed")
+    assert TDMPC.load(tmp_path / "changed").policy.num_samples == 40  # kept by a later save
+    # The policy_kwargs given at construction are the ones stored (SB3 refuses any other at load).
+    assert TDMPC.load(tmp_path / "tdmpc", policy_kwargs=TINY["policy_kwargs"]).policy.num_samples == 32
 
 
 def test_policy_save_and_load_alone(tmp_path):

@@ -51,12 +51,15 @@ def save_path(path: str | pathlib.Path, suffix: str) -> pathlib.Path:
 
 
 def load_path(path: str | pathlib.Path, suffix: str) -> pathlib.Path:
-    """Where Stable-Baselines3 reads ``path``: as given if it exists, else with ``.<suffix>`` appended."""
+    """
+    Where Stable-Baselines3 reads ``path``: as given if it is a file, else with ``.<suffix>`` appended
+    (``save("run/reach-v3")`` wrote ``run/reach-v3.zip``, beside the zoo's ``run/reach-v3/`` folder).
+    """
     path = pathlib.Path(path)
-    if path.exists() or not suffix:
+    if path.is_file() or not suffix:
         return path
     with_suffix = pathlib.Path(f"{path}.{suffix}")
-    return with_suffix if with_suffix.exists() else path
+    return with_suffix if with_suffix.is_file() else path
 
 
 def _file_mode(path: pathlib.Path) -> int:
@@ -105,32 +108,55 @@ def atomic_write(path: str | pathlib.Path, write: Callable[[io.BufferedIOBase], 
     return path
 
 
-def check_zip_archive(path: pathlib.Path, required: tuple[str, ...] = ("data", "policy.pth")) -> None:
+def check_zip_archive(
+    source: pathlib.Path | io.BufferedIOBase, required: tuple[str, ...] = ("data", "policy.pth")
+) -> None:
     """
-    Raise :class:`CheckpointError` naming ``path`` unless it is a complete, uncorrupted model archive.
+    Raise :class:`CheckpointError` naming ``source`` unless it is a complete, uncorrupted model archive.
 
     Checks the zip structure (a truncated file has no central directory), every member's CRC and
-    that the members a model needs are present.
+    that the members a model needs are present. A file object is read from its current position and
+    left there.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"No checkpoint at {path}")
+    if isinstance(source, pathlib.Path) and not source.is_file():
+        raise FileNotFoundError(f"No checkpoint at {source}")
+    name = _name(source)
     try:
-        with zipfile.ZipFile(path) as archive:
+        with _rewound(source), zipfile.ZipFile(source) as archive:
             bad = archive.testzip()
             names = set(archive.namelist())
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(
-            f"{path} is not a readable model checkpoint (truncated or corrupted zip file: {e}). "
+            f"{name} is not a readable model checkpoint (truncated or corrupted zip file: {e}). "
             "Saves are atomic, so an older checkpoint of the run, if any, is intact."
         ) from e
     if bad is not None:
-        raise CheckpointError(f"{path} is corrupted: member {bad!r} fails its CRC check")
-    missing = [name for name in required if name not in names]
+        raise CheckpointError(f"{name} is corrupted: member {bad!r} fails its CRC check")
+    missing = [member for member in required if member not in names]
     if missing:
         raise CheckpointError(
-            f"{path} is not a complete model checkpoint (truncated or corrupted): "
+            f"{name} is not a complete model checkpoint (truncated or corrupted): "
             f"it lacks {', '.join(missing)}"
         )
+
+
+def _name(source: pathlib.Path | io.BufferedIOBase) -> str:
+    return (
+        str(source)
+        if isinstance(source, pathlib.Path)
+        else str(getattr(source, "name", "the checkpoint file"))
+    )
+
+
+@contextlib.contextmanager
+def _rewound(source: pathlib.Path | io.BufferedIOBase) -> Any:
+    """A file object's position restored afterwards (a path: nothing to do)."""
+    position = None if isinstance(source, pathlib.Path) else source.tell()
+    try:
+        yield
+    finally:
+        if position is not None:
+            source.seek(position)  # type: ignore[union-attr]
 
 
 def load_pickle(path: str | pathlib.Path) -> Any:

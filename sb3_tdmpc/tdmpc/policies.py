@@ -1011,6 +1011,14 @@ class TDMPCPolicy(BasePolicy):
         self.check_observation_space(observation_space)
         if num_elites > num_samples:
             raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
+        for name, value, valid, requirement in (
+            ("planning_iterations", planning_iterations, planning_iterations >= 1, ">= 1"),
+            ("num_elites", num_elites, num_elites >= 1, ">= 1"),
+            ("policy_fraction", policy_fraction, 0 <= policy_fraction <= 1, "in [0, 1]"),
+            ("min_std", min_std, min_std >= 0, ">= 0"),
+        ):
+            if not valid:
+                raise ValueError(f"{name} must be {requirement}, got {value}")
         self.latent_dim, self.mlp_dim, self.enc_dim, self.num_q = latent_dim, mlp_dim, enc_dim, num_q
         self.gamma = gamma
         self.horizon = horizon

@@ -53,6 +53,23 @@ def _same_row(a: Any, b: Any, index: int) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[index], b[index])
 
 
+TDMPC_STATE_DICTS = ("policy", "policy.optimizer", "policy.pi_optimizer")
+"""What a TDMPC checkpoint holds as state dicts (``<name>.pth`` members of its zip)."""
+
+PLANNER_SETTINGS = (
+    "gamma",
+    "horizon",
+    "planning_iterations",
+    "num_samples",
+    "num_elites",
+    "policy_fraction",
+    "temperature",
+    "momentum",
+    "min_std",
+)
+"""TDMPC's arguments that the policy plans with (:class:`TDMPCPolicy`'s of the same names)."""
+
+
 def _trains_on_sequences(buffer: Any) -> bool:
     """Whether a replay buffer (class or instance) serves TD-MPC's updates, as PrioritizedReplayBuffer."""
     return hasattr(buffer, "sample_sequences") and hasattr(buffer, "update_priorities")
@@ -130,8 +147,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     :param momentum: Weight of the previous mean when refitting
     :param min_std: Noise of the policy prior's actions (in planning and in TD targets)
     :param policy_kwargs: Arguments of the policy (:class:`TDMPCPolicy`): network sizes (``latent_dim``,
-        ``mlp_dim``, ``enc_dim``, ``num_q``), optimizer, ``torch_compile``; a planner setting given here
-        (``num_samples``, ...) takes precedence over TDMPC's argument of the same name, except ``gamma`` and
+        ``mlp_dim``, ``enc_dim``, ``num_q``), optimizer, ``torch_compile``. The planner settings above are
+        passed to it as well; one given here (``num_samples``, ...) takes precedence, except ``gamma`` and
         ``horizon``, which the updates read too: a different value there is a ``ValueError``
     :param stats_window_size: Window size for the rollout logging (episodes)
     :param tensorboard_log: The log location for tensorboard (if None, no logging)
@@ -238,31 +255,24 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         self.exploration_final_std = exploration_final_std
         self.exploration_decay_steps = exploration_decay_steps
         self.seed_updates = learning_starts if seed_updates is None else seed_updates
-        # Planner settings live in the policy, which plans; explicit policy_kwargs take precedence.
-        planner_kwargs = dict(
-            gamma=gamma,
-            horizon=horizon,
-            planning_iterations=planning_iterations,
-            num_samples=num_samples,
-            num_elites=num_elites,
-            policy_fraction=policy_fraction,
-            temperature=temperature,
-            momentum=momentum,
-            min_std=min_std,
-        )
-        for key in ("gamma", "horizon"):  # the TD targets and the training sequences read TDMPC's own
-            if key in self.policy_kwargs and self.policy_kwargs[key] != planner_kwargs[key]:
-                raise ValueError(
-                    f"policy_kwargs sets {key}={self.policy_kwargs[key]!r} but TDMPC's {key} is "
-                    f"{planner_kwargs[key]!r}: the updates use it as well as the planner, so give it as "
-                    f"TDMPC's argument ({key}=...) instead"
-                )
-        self.policy_kwargs = {**planner_kwargs, **self.policy_kwargs}
+        # Attributes, as SB3 keeps its hyperparameters, so that load(..., num_samples=...) changes them;
+        # the policy, which plans, is built with them (_setup_model).
+        self.planning_iterations = planning_iterations
+        self.num_samples = num_samples
+        self.num_elites = num_elites
+        self.policy_fraction = policy_fraction
+        self.temperature = temperature
+        self.momentum = momentum
+        self.min_std = min_std
+        if target_update_interval < 1:
+            raise ValueError(f"target_update_interval must be >= 1, got {target_update_interval}")
         # The planner's warm start for the training envs (predict's state), reset at episode starts.
         self._plan_state: tuple[np.ndarray, ...] | None = None
         # Per training env, the RNG state its current episode's reset started from (exact resume).
         self._episode_rng: list[dict[str, Any] | None] | None = None
         self.num_nonfinite_transitions = 0
+        # Updates wait until the replay buffer holds this many transitions (a resume without the buffer).
+        self._refill_until = 0
         # The env's Dict observation space where TDMPC flattens it (see _wrap_env), for predict().
         self.dict_observation_space: spaces.Dict | None = None
 
@@ -285,8 +295,27 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
                 f"PrioritizedReplayBuffer; got {self.replay_buffer_class}"
             )
-        super()._setup_model()
+        # SB3 builds the policy from self.policy_kwargs: for that call only, the planner settings are
+        # added (kept out of the saved policy_kwargs, so that load(policy_kwargs=...) compares the user's).
+        policy_kwargs = self.policy_kwargs
+        self.policy_kwargs = {**self._planner_settings(), **policy_kwargs}
+        try:
+            super()._setup_model()
+        finally:
+            self.policy_kwargs = policy_kwargs
         self._update_schedules()
+
+    def _planner_settings(self) -> dict[str, Any]:
+        """The settings the policy plans with (``policy_kwargs`` may override all but gamma and horizon)."""
+        settings = {name: getattr(self, name) for name in PLANNER_SETTINGS}
+        for key in ("gamma", "horizon"):  # the TD targets and the training sequences read TDMPC's own
+            if key in self.policy_kwargs and self.policy_kwargs[key] != settings[key]:
+                raise ValueError(
+                    f"policy_kwargs sets {key}={self.policy_kwargs[key]!r} but TDMPC's {key} is "
+                    f"{settings[key]!r}: the updates use it as well as the planner, so give it as "
+                    f"TDMPC's argument ({key}=...) instead"
+                )
+        return settings
 
     def _update_schedules(self) -> None:
         """Set the planner's horizon and std floor from the number of environment steps taken."""
@@ -342,7 +371,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     # ------------------------------------------------------------------ training
 
     def train(self, gradient_steps: int, batch_size: int = 512) -> None:
-        if self._stored_transitions() < self._transitions_to_train():
+        if self._stored_transitions() < self._refill_until:
             return  # a resumed run refilling its replay buffer (docs/reliability.md)
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
@@ -539,8 +568,11 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             self._interrupted = True
             raise
 
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_refill_until"]  # learn() sets it for the run it starts
+
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
-        return ["policy", "policy.optimizer", "policy.pi_optimizer"], []
+        return list(TDMPC_STATE_DICTS), []
 
     @staticmethod
     def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
@@ -662,6 +694,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         assert self.env is not None, "You must set the environment before calling learn()"
         self._check_replay_buffer(self.replay_buffer, "The replay buffer")
         self._check_batch_size(reset_num_timesteps)
+        self._refill_until = 0  # _resume raises it for a run resumed without its replay buffer
         resume = self.__dict__.pop("_resume_state", None)
         rng = self._resume(resume) if resume is not None and not reset_num_timesteps else None
         if reset_num_timesteps or self._last_obs is None:
@@ -726,11 +759,13 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 problems.append("the RNG state the environments' current episodes were reset from is unknown")
         if state.get("interrupted"):
             problems.append("it was saved after learn() had stopped on an exception, possibly mid-step")
-        rb = self.replay_buffer
+        if self._vec_normalize_env is not None:  # a reset here would also move its running statistics
+            problems.append("the environments are wrapped in VecNormalize, whose state the model lacks")
         if state["buffer_position"] != self._buffer_position():
             problem = "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
-            if rb is not None and self._stored_transitions() < self._transitions_to_train():
-                problem += f"; updates pause until it holds {self._transitions_to_train()} transitions"
+            if self._stored_transitions() < self._transitions_to_train():
+                self._refill_until = self._transitions_to_train()
+                problem += f"; updates pause until it holds {self._refill_until} transitions"
             problems.append(problem)
         if not problems:
             checkpoint.set_env_rng_states(env, rngs)  # type: ignore[arg-type]
@@ -785,7 +820,9 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         capacity = rb.buffer_size * rb.n_envs
         stored = self._stored_transitions()
         steps = 0 if reset_num_timesteps else self.num_timesteps
-        at_first_update = min(capacity, stored + max(self.learning_starts + 1 - steps, 1))
+        # Updates start once num_timesteps passes learning_starts; every env step adds n_envs transitions.
+        env_steps = max(-(-(self.learning_starts + 1 - steps) // rb.n_envs), 1)
+        at_first_update = min(capacity, stored + env_steps * rb.n_envs)
         if steps > 0:  # a continued run's updates wait for the buffer to refill (train)
             at_first_update = max(at_first_update, self._transitions_to_train())
         if self.batch_size > at_first_update:
@@ -869,7 +906,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         """
         if isinstance(path, (str, pathlib.Path)):
             path = checkpoint.load_path(path, "zip")
-            checkpoint.check_zip_archive(path)
+        checkpoint.check_zip_archive(path)
         try:
             return super().load(
                 path,
@@ -882,7 +919,11 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             )
         except _PolicyClassError as e:  # another algorithm's zip (its policy class)
             raise checkpoint.CheckpointError(f"{path} is not a TD-MPC checkpoint: {e}") from e
-        except ValueError as e:
+        except (KeyError, ValueError) as e:
+            # A TD-MPC zip without its optimizers' states (checked only now: another algorithm's zip
+            # lacks them too, and is better named by the policy class check above).
+            optimizers = tuple(f"{name}.pth" for name in TDMPC_STATE_DICTS)
+            checkpoint.check_zip_archive(path, required=optimizers)
             if "spaces do not match" not in str(e):  # SB3's check_for_correct_spaces
                 raise
             raise checkpoint.CheckpointError(
