@@ -40,15 +40,11 @@ from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy, min_q_of
 SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
 
 
-def _same_row(a: Any, b: Any, index: int) -> bool:
-    """Whether environment ``index`` has bitwise the same observation in the batches ``a`` and ``b``."""
-    if isinstance(a, dict) or isinstance(b, dict):
-        return (
-            isinstance(a, dict)
-            and isinstance(b, dict)
-            and a.keys() == b.keys()
-            and all(_same_row(a[key], b[key], index) for key in a)
-        )
+def _same_row(a: np.ndarray, b: np.ndarray, index: int) -> bool:
+    """
+    Whether environment ``index`` has bitwise the same observation in the batches ``a`` and ``b``
+    (arrays: _wrap_env flattens Dict observations).
+    """
     a, b = np.asarray(a), np.asarray(b)
     return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a[index], b[index])
 
