@@ -29,6 +29,7 @@ from stable_baselines3.common.vec_env import VecFrameStack, VecNormalize
 import sb3_tdmpc  # noqa: F401  (registers the Meta-World ids)
 from sb3_tdmpc import TDMPC
 from sb3_tdmpc.common.checkpoint import CheckpointError, NonFiniteTransitionWarning, ResumeWarning
+from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation
 
 BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
@@ -603,6 +604,47 @@ def test_non_finite_rewards_and_observations_are_reported_not_stored():
         assert rb.tree.get(step - 1) == 0.0  # the placeholder is never a sequence start
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
     assert model._n_updates > 20  # training went on
+
+
+class DictFaultyEnv(gym.ObservationWrapper):
+    """FaultyEnv observed as a Dict of Boxes (as dm-control observes)."""
+
+    def __init__(self, **faults):
+        super().__init__(FaultyEnv(**faults))
+        box = self.env.observation_space
+        angle, speed = spaces.Box(box.low[:2], box.high[:2]), spaces.Box(box.low[2:], box.high[2:])
+        self.observation_space = spaces.Dict(angle=angle, speed=speed)
+
+    def observation(self, obs):
+        return {"angle": obs[:2], "speed": obs[2:]}
+
+
+def test_non_finite_data_that_cannot_be_dropped_stops_training():
+    # Under VecNormalize the statistics have absorbed the value already.
+    env = VecNormalize(make_vec_env(lambda: FaultyEnv(nan_reward_at=(20,)), seed=0))
+    with pytest.raises(FloatingPointError, match="observation at step 20; with VecNormalize"):
+        TDMPC("MlpPolicy", env, seed=0, **TINY).learn(100)
+    # Dict observations (flattened by a VecEnv wrapper): a bad reward is dropped; a bad observation would need
+    # one environment reset through that wrapper.
+    env = make_vec_env(lambda: DictFaultyEnv(nan_reward_at=(20,)), seed=0)
+    model = TDMPC("MlpPolicy", env, seed=0, **TINY)
+    with pytest.warns(NonFiniteTransitionWarning, match="non-finite reward at step 20"):
+        model.learn(100)
+    assert model.num_nonfinite_transitions == 1 and np.isfinite(model.replay_buffer.rewards).all()
+    env = make_vec_env(lambda: DictFaultyEnv(inf_obs_at=(20,)), seed=0)
+    message = "cannot be reset through VecFlattenDictObservation"
+    with pytest.raises(FloatingPointError, match=message), pytest.warns(NonFiniteTransitionWarning):
+        TDMPC("MlpPolicy", env, seed=0, **TINY).learn(100)
+
+
+def test_vec_normalize_over_dict_observations_asks_to_flatten_first():
+    env = VecNormalize(make_vec_env(lambda: DictFaultyEnv(), seed=0))
+    with pytest.raises(ValueError, match=r"VecNormalize\(VecFlattenDictObservation\(venv\)\)"):
+        TDMPC("MlpPolicy", env, **TINY)
+    env = VecNormalize(VecFlattenDictObservation(make_vec_env(lambda: DictFaultyEnv(), seed=0)))
+    model = TDMPC("MlpPolicy", env, **TINY)
+    model.learn(60)  # stores the flat raw observations, samples them normalised
+    assert model.replay_buffer.observations.shape == (2000, 1, 3) and model._n_updates > 0
 
 
 # --------------------------------------------------------------------------- the zoo's files

@@ -19,20 +19,16 @@ from sb3_tdmpc.common import checkpoint
 from sb3_tdmpc.common.buffers import close_episodes
 
 
-def finite_rows(values: np.ndarray | dict[str, np.ndarray], n_envs: int) -> np.ndarray:
+def finite_rows(values: np.ndarray, n_envs: int) -> np.ndarray:
     """Per environment (first axis): whether every entry is finite (integer data always is)."""
-    if isinstance(values, dict):
-        return np.logical_and.reduce([finite_rows(v, n_envs) for v in values.values()])
     values = np.asarray(values)
     if not np.issubdtype(values.dtype, np.inexact):
         return np.ones(n_envs, dtype=bool)
     return np.isfinite(values.reshape(n_envs, -1)).all(axis=1)
 
 
-def all_finite(values: np.ndarray | dict[str, np.ndarray] | None) -> bool:
-    """Whether every entry of an array (or of each array of a dict) is finite."""
-    if isinstance(values, dict):
-        return all(all_finite(v) for v in values.values())
+def all_finite(values: np.ndarray | None) -> bool:
+    """Whether every entry of an array is finite (TDMPC flattens Dict observations before they get here)."""
     values = np.asarray(values)
     return not np.issubdtype(values.dtype, np.inexact) or bool(np.isfinite(values).all())
 
@@ -48,7 +44,7 @@ class NonFiniteTransitions:
 
     def _nonfinite_envs(
         self,
-        new_obs: np.ndarray | dict[str, np.ndarray],
+        new_obs: np.ndarray,
         reward: np.ndarray,
         dones: np.ndarray,
         infos: list[dict[str, Any]],
@@ -94,11 +90,11 @@ class NonFiniteTransitions:
         by a finite placeholder that no loss ever reads (its episode is closed as a time-out at the
         transition before, and it gets zero priority); an env whose next observation is bad is reset.
         """
-        if self._vec_normalize_env is not None or isinstance(new_obs, dict):
+        if self._vec_normalize_env is not None:
             raise FloatingPointError(
                 f"Environment(s) {np.flatnonzero(bad_transition | bad_next_obs).tolist()} returned a "
                 f"non-finite reward or observation at step {self.num_timesteps}; with VecNormalize (whose "
-                "running statistics absorbed it) or Dict observations, training stops here."
+                "running statistics absorbed it), training stops here."
             )
         new_obs, reward, dones = (
             np.array(new_obs, copy=True),

@@ -28,7 +28,7 @@ from stable_baselines3.common.type_aliases import (
     TrainFrequencyUnit,
 )
 from stable_baselines3.common.utils import LinearSchedule, polyak_update, should_collect_more_steps
-from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_wrapper
+from stable_baselines3.common.vec_env import VecEnv, VecNormalize, unwrap_vec_wrapper
 
 from sb3_tdmpc.common import checkpoint
 from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples, close_episodes
@@ -583,6 +583,12 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                     "images; give image observations alone (not in a Dict) to CnnPolicy, or drop them "
                     f"from the Dict. Got {env.observation_space}"
                 )
+            if unwrap_vec_wrapper(env, VecNormalize) is not None:  # it would see (and store) Dicts
+                raise ValueError(
+                    "VecNormalize over Dict observations: TDMPC flattens them into one vector, outside "
+                    "the wrappers given, so flatten first and normalize the vector: "
+                    "VecNormalize(VecFlattenDictObservation(venv)) (sb3_tdmpc.envs.wrappers)"
+                )
             env = VecFlattenDictObservation(env)
         elif isinstance(env.observation_space, spaces.Dict):  # before SB3 asks for a MultiInputPolicy
             raise ValueError(
@@ -712,9 +718,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         """What a resumed run needs beyond SB3's saved attributes: RNG states, the envs' current observations
         (SB3's load discards ``_last_obs``), the planner's warm start and the rollout position."""
 
-        def copy(value: Any) -> Any:
-            if isinstance(value, dict):
-                return {key: np.array(array, copy=True) for key, array in value.items()}
+        def copy(value: np.ndarray | None) -> np.ndarray | None:  # arrays: _wrap_env flattens Dicts
             return None if value is None else np.array(value, copy=True)
 
         return {
