@@ -286,6 +286,14 @@ def test_load_keyword_arguments_set_the_planner(tmp_path):
     assert TDMPC.load(tmp_path / "changed").policy.num_samples == 40  # kept by a later save
     # The policy_kwargs given at construction are the ones stored (SB3 refuses any other at load).
     assert TDMPC.load(tmp_path / "tdmpc", policy_kwargs=TINY["policy_kwargs"]).policy.num_samples == 32
+    # A checkpoint of an earlier version, with the planner's settings in its policy_kwargs, loads with them.
+    legacy = {**TINY["policy_kwargs"], "num_samples": 24, "gamma": 0.9}
+    loaded = TDMPC.load(tmp_path / "tdmpc", custom_objects={"policy_kwargs": legacy})
+    assert (
+        loaded.policy_kwargs == TINY["policy_kwargs"]
+        and loaded.num_samples == loaded.policy.num_samples == 24
+    )
+    assert loaded.gamma == loaded.policy.gamma == 0.9
 
 
 def test_policy_save_and_load_alone(tmp_path):

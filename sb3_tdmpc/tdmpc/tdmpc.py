@@ -52,16 +52,18 @@ def _same_row(a: np.ndarray, b: np.ndarray, index: int) -> bool:
 TDMPC_STATE_DICTS = ("policy", "policy.optimizer", "policy.pi_optimizer")
 """What a TDMPC checkpoint holds as state dicts (``<name>.pth`` members of its zip)."""
 
-PLANNER_SETTINGS = (
-    "gamma",
-    "horizon",
-    "planning_iterations",
-    "num_samples",
-    "num_elites",
-    "policy_fraction",
-    "temperature",
-    "momentum",
-    "min_std",
+PLANNER_SETTINGS = frozenset(
+    {
+        "gamma",
+        "horizon",
+        "planning_iterations",
+        "num_samples",
+        "num_elites",
+        "policy_fraction",
+        "temperature",
+        "momentum",
+        "min_std",
+    }
 )
 """TDMPC's arguments that the policy plans with (:class:`TDMPCPolicy`'s of the same names)."""
 
@@ -143,9 +145,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     :param momentum: Weight of the previous mean when refitting
     :param min_std: Noise of the policy prior's actions (in planning and in TD targets)
     :param policy_kwargs: Arguments of the policy (:class:`TDMPCPolicy`): network sizes (``latent_dim``,
-        ``mlp_dim``, ``enc_dim``, ``num_q``), optimizer, ``torch_compile``. The planner settings above are
-        passed to it as well; one given here (``num_samples``, ...) takes precedence, except ``gamma`` and
-        ``horizon``, which the updates read too: a different value there is a ``ValueError``
+        ``mlp_dim``, ``enc_dim``, ``num_q``), optimizer, ``torch_compile``. The planner settings above
+        (``gamma``, ``horizon``, ``num_samples``, ...) are passed to it by TDMPC and are refused here
     :param stats_window_size: Window size for the rollout logging (episodes)
     :param tensorboard_log: The log location for tensorboard (if None, no logging)
     :param verbose: Verbosity level: 0 no output, 1 info, 2 debug
@@ -262,6 +263,12 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         self.min_std = min_std
         if target_update_interval < 1:
             raise ValueError(f"target_update_interval must be >= 1, got {target_update_interval}")
+        planner_keys = sorted(PLANNER_SETTINGS & self.policy_kwargs.keys())
+        if planner_keys:  # one place for each setting: the updates read gamma and horizon too
+            raise ValueError(
+                f"policy_kwargs sets {', '.join(planner_keys)}: give the planner's settings as TDMPC's "
+                f"arguments (TDMPC(..., {planner_keys[0]}=...)), which the policy plans with"
+            )
         # The planner's warm start for the training envs (predict's state), reset at episode starts.
         self._plan_state: tuple[np.ndarray, ...] | None = None
         # Per training env, the RNG state its current episode's reset started from (exact resume).
@@ -291,27 +298,18 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 f"TDMPC needs a replay buffer with sample_sequences() and update_priorities(), such as "
                 f"PrioritizedReplayBuffer; got {self.replay_buffer_class}"
             )
+        # Checkpoints of sb3_tdmpc before 2026-12-01 kept the planner settings in policy_kwargs.
+        for key in PLANNER_SETTINGS & self.policy_kwargs.keys():
+            setattr(self, key, self.policy_kwargs.pop(key))
         # SB3 builds the policy from self.policy_kwargs: for that call only, the planner settings are
         # added (kept out of the saved policy_kwargs, so that load(policy_kwargs=...) compares the user's).
         policy_kwargs = self.policy_kwargs
-        self.policy_kwargs = {**self._planner_settings(), **policy_kwargs}
+        self.policy_kwargs = {**policy_kwargs, **{key: getattr(self, key) for key in PLANNER_SETTINGS}}
         try:
             super()._setup_model()
         finally:
             self.policy_kwargs = policy_kwargs
         self._update_schedules()
-
-    def _planner_settings(self) -> dict[str, Any]:
-        """The settings the policy plans with (``policy_kwargs`` may override all but gamma and horizon)."""
-        settings = {name: getattr(self, name) for name in PLANNER_SETTINGS}
-        for key in ("gamma", "horizon"):  # the TD targets and the training sequences read TDMPC's own
-            if key in self.policy_kwargs and self.policy_kwargs[key] != settings[key]:
-                raise ValueError(
-                    f"policy_kwargs sets {key}={self.policy_kwargs[key]!r} but TDMPC's {key} is "
-                    f"{settings[key]!r}: the updates use it as well as the planner, so give it as "
-                    f"TDMPC's argument ({key}=...) instead"
-                )
-        return settings
 
     def _update_schedules(self) -> None:
         """Set the planner's horizon and std floor from the number of environment steps taken."""
