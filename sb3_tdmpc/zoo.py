@@ -195,19 +195,22 @@ class ContinuingTDMPC(TDMPC):
         buffer = self.replay_buffer
         holds = buffer is not None and buffer.size() > 0
         saved = getattr(self, "_resume_state", None)  # None: an older model, which did not record it
-        if self.num_timesteps > 0 and holds and saved is not None:
-            position = self._buffer_position()
-            if saved["buffer_position"] != position:
-                warnings.warn(
-                    f"The replay buffer loaded with the model saved at step {self.num_timesteps} is not "
-                    f"the one saved with it (write position {position}, saved {saved['buffer_position']}): "
-                    "as for a checkpoint without a buffer, training restarts its step count with an empty "
-                    "replay buffer",
-                    ResumeWarning,
-                    stacklevel=2,
-                )
-                buffer.reset()
-                holds = False
+        if (
+            self.num_timesteps > 0
+            and holds
+            and saved is not None
+            and not self._holds_buffer_saved_at(saved["buffer_position"])
+        ):
+            warnings.warn(
+                f"The replay buffer loaded with the model saved at step {self.num_timesteps} is not "
+                f"the one saved with it (write position and rows added {self._buffer_position()}, saved "
+                f"{saved['buffer_position']}): as for a checkpoint without a buffer, training restarts "
+                "its step count with an empty replay buffer",
+                ResumeWarning,
+                stacklevel=2,
+            )
+            buffer.reset()
+            holds = False
         continues = self.num_timesteps > 0 and holds
         return super().learn(
             total_timesteps,

@@ -152,6 +152,18 @@ def test_resume_without_the_replay_buffer_warns(tmp_path):
         resumed.learn(5, reset_num_timesteps=False)
 
 
+def test_resume_with_a_later_save_of_the_runs_buffer_at_the_same_position_warns(tmp_path):
+    model = TDMPC("Pendulum-v1", seed=0, **{**TINY, "buffer_size": 100})
+    model.learn(200)
+    model.save(tmp_path / "model")  # buffer full, write position 0
+    model.learn(200, reset_num_timesteps=False)
+    model.save_replay_buffer(tmp_path / "buffer")  # 200 steps later: full, write position 0 again
+    resumed = TDMPC.load(tmp_path / "model", env=make_vec_env("Pendulum-v1", seed=0))
+    resumed.load_replay_buffer(tmp_path / "buffer")
+    with pytest.warns(ResumeWarning, match="replay buffer is not the one saved with the checkpoint"):
+        resumed.learn(5, reset_num_timesteps=False)
+
+
 def test_resume_past_the_seed_phase_without_the_replay_buffer_refills_it_then_trains(tmp_path):
     model = TDMPC("Pendulum-v1", seed=0, **TINY)  # learning_starts 50, batch 16
     model.learn(100)

@@ -196,16 +196,18 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         self.priority_eps = priority_eps
         self.tree = SumTree(self.buffer_size * self.n_envs)
         self.max_priority = 1.0
+        self.rows_added = 0  # add() calls since the buffer was empty: tells two saves of one run apart
 
     def reset(self) -> None:
         """Empty the buffer, its priorities included."""
         super().reset()
         self.tree = SumTree(self.buffer_size * self.n_envs)
         self.max_priority = 1.0
+        self.rows_added = 0
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickling (load_replay_buffer) checks the data before anything trains on it.
-        self.__dict__.update(state)
+        self.__dict__.update({"rows_added": None, **state})  # None: pickled before it was counted
         self.check_consistency()
 
     def check_consistency(self) -> None:
@@ -262,6 +264,7 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         """SB3's ``add``; the new transitions get the largest priority seen so far, so each is drawn soon."""
         pos = self.pos  # super().add advances it
         super().add(obs, next_obs, action, reward, done, infos)
+        self.rows_added += 1
         leaves = pos * self.n_envs + np.arange(self.n_envs)
         self.tree.update(leaves, np.full(self.n_envs, self.max_priority**self.alpha))
 

@@ -7,7 +7,7 @@ import pathlib
 import pickle
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
@@ -729,7 +729,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             "last_original_obs": copy(self._last_original_obs),
             "plan_state": self._plan_state,
             "rollout_progress": getattr(self, "_rollout_progress", None) or (0, 0),
-            "buffer_position": self._buffer_position(),
+            "buffer_position": self._buffer_position(),  # to recognise the buffer saved with the model
             "interrupted": getattr(self, "_interrupted", False),
         }
 
@@ -759,7 +759,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             problems.append("it was saved after learn() had stopped on an exception, possibly mid-step")
         if self._vec_normalize_env is not None:  # a reset here would also move its running statistics
             problems.append("the environments are wrapped in VecNormalize, whose state the model lacks")
-        if state["buffer_position"] != self._buffer_position():
+        if not self._holds_buffer_saved_at(state["buffer_position"]):
             problem = "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
             if self._stored_transitions() < self._transitions_to_train():
                 self._refill_until = self._transitions_to_train()
@@ -796,10 +796,22 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         if self.replay_buffer is not None:
             close_episodes(self.replay_buffer)
 
-    def _buffer_position(self) -> tuple[int, bool] | None:
-        """The replay buffer's write position: a saved model records it to recognise its own buffer."""
+    def _buffer_position(self) -> tuple[int, bool, int | None] | None:
+        """
+        The replay buffer's write position and how many rows it has ever been given (``None`` where it
+        does not count them): two saves of one run's buffer share a position whenever the steps between
+        them are a multiple of its size, never the count.
+        """
         rb = self.replay_buffer
-        return None if rb is None else (int(rb.pos), bool(rb.full))
+        return None if rb is None else (int(rb.pos), bool(rb.full), getattr(rb, "rows_added", None))
+
+    def _holds_buffer_saved_at(self, saved: Sequence[Any] | None) -> bool:
+        """Whether the replay buffer is the model's own: ``saved`` is the model's ``_buffer_position()``."""
+        current = self._buffer_position()
+        if saved is None or current is None:
+            return saved is None and current is None
+        known = 3 if len(saved) > 2 and saved[2] is not None and current[2] is not None else 2
+        return tuple(saved)[:known] == current[:known]  # files of earlier versions: the position alone
 
     def _stored_transitions(self) -> int:
         return self.replay_buffer.size() * self.replay_buffer.n_envs
