@@ -219,6 +219,25 @@ def test_policy_and_observation_space_mismatch():
     assert type(TDMPC("Pendulum-v1", **TINY).policy) is MlpPolicy
 
 
+@pytest.mark.parametrize(
+    ("shape", "policy_kwargs", "match"),
+    [
+        ((3, 64, 96), {}, r"random shift augmentation needs square images, got 64x96: .*shift_pad=0"),
+        ((3, 32, 32), {}, "need images of at least 39x39 pixels, got 32x32"),
+        ((3, 64, 96), {"shift_pad": 0}, None),  # no augmentation: any size the convolutions take
+    ],
+)
+def test_cnn_policy_checks_the_image_size_at_construction(shape, policy_kwargs, match):
+    env = ImageEnv()
+    env.observation_space = spaces.Box(0, 255, shape, np.uint8)
+    kwargs = {**TINY_PIXELS, "policy_kwargs": {**TINY_PIXELS["policy_kwargs"], **policy_kwargs}}
+    if match is None:
+        TDMPC("CnnPolicy", env, **kwargs)
+    else:
+        with pytest.raises(ValueError, match=match):  # not after the seed phase, at the first update
+            TDMPC("CnnPolicy", env, **kwargs)
+
+
 def test_cnn_policy_trains_on_several_image_envs():
     # No renderer needed: random frames, two envs planned in one batch.
     env = make_vec_env(ImageEnv, n_envs=2, seed=0)

@@ -572,6 +572,9 @@ def forward_mlp(net: nn.Module, x: th.Tensor) -> th.Tensor:
     return linear(x, last.weight, last.bias)
 
 
+_PIXEL_KERNELS = (7, 5, 3, 3)
+
+
 class PixelEncoder(nn.Module):
     """
     TD-MPC's pixel encoder: ``x / 255``, 4 conv layers (``num_channels`` channels, kernels 7/5/3/3,
@@ -584,9 +587,17 @@ class PixelEncoder(nn.Module):
 
     def __init__(self, observation_space: spaces.Box, latent_dim: int, num_channels: int = 32) -> None:
         super().__init__()
-        in_channels = observation_space.shape[0]
+        in_channels, *image_size = observation_space.shape
+        size = min(image_size)
+        for kernel in _PIXEL_KERNELS:  # each stride-2 convolution needs an input at least its kernel's size
+            size = (size - kernel) // 2 + 1 if size >= kernel else 0
+        if size < 1:
+            raise ValueError(
+                f"PixelEncoder's four stride-2 convolutions need images of at least 39x39 pixels, got "
+                f"{image_size[0]}x{image_size[1]}"
+            )
         convs: list[nn.Module] = []
-        for kernel in (7, 5, 3, 3):
+        for kernel in _PIXEL_KERNELS:
             convs += [nn.Conv2d(in_channels, num_channels, kernel, stride=2), nn.ReLU()]
             in_channels = num_channels
         self.convs = nn.Sequential(*convs, nn.Flatten())
@@ -1309,6 +1320,12 @@ class CnnPolicy(TDMPCPolicy):
         # Read by make_encoder() during TDMPCPolicy.__init__.
         self.num_channels = num_channels
         self.shift_pad = int(observation_space.shape[-1] / 21) if shift_pad is None else shift_pad
+        height, width = observation_space.shape[-2:]
+        if self.shift_pad > 0 and height != width:
+            raise ValueError(
+                f"CnnPolicy's random shift augmentation needs square images, got {height}x{width}: "
+                "give square frames, or policy_kwargs=dict(shift_pad=0) to train without it"
+            )
         super().__init__(observation_space, action_space, lr_schedule, **kwargs)
         self.shift = RandomShift(self.shift_pad)
 
