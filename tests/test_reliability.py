@@ -362,6 +362,14 @@ def test_the_batch_size_check_counts_every_env_and_train_samples_by_hand():
     model = TDMPC("MlpPolicy", env, **{**TINY, "batch_size": 52, "seed_updates": 1})
     model.learn(60)
     assert model._n_updates == 3 and model.num_timesteps == 60  # at 52, 56 and 60 steps
+    # Rollouts of 7 steps: the first update follows the 8th, at 56 transitions.
+    with pytest.raises(ValueError, match=r"batch_size \(57\) is larger than the 56 transitions"):
+        TDMPC("Pendulum-v1", **{**TINY, "batch_size": 57, "train_freq": 7}).learn(56)
+    model_7 = TDMPC("Pendulum-v1", **{**TINY, "batch_size": 56, "train_freq": 7, "seed_updates": 1})
+    model_7.learn(56)
+    assert model_7._n_updates == 1
+    # Episodic train_freq: what the first episodes store is not known in advance; nothing is refused.
+    TDMPC("Pendulum-v1", **{**TINY, "batch_size": 100, "train_freq": (1, "episode")}).learn(1)
     # train() by hand samples whatever the buffer holds (with replacement, as TD-MPC), and raises when empty.
     model.train(3, batch_size=200)
     assert model._n_updates == 6

@@ -826,13 +826,17 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         return min(rb.buffer_size * rb.n_envs, max(self.batch_size, self.learning_starts))
 
     def _check_batch_size(self, reset_num_timesteps: bool) -> None:
+        if self.train_freq.unit == TrainFrequencyUnit.EPISODE:
+            return  # how much the first episodes store is unknown (batches are drawn with replacement)
         rb = self.replay_buffer
         capacity = rb.buffer_size * rb.n_envs
         stored = self._stored_transitions()
         steps = 0 if reset_num_timesteps else self.num_timesteps
-        # Updates start once num_timesteps passes learning_starts; every env step adds n_envs transitions.
-        env_steps = max(-(-(self.learning_starts + 1 - steps) // rb.n_envs), 1)
-        at_first_update = min(capacity, stored + env_steps * rb.n_envs)
+        # The first update follows the first rollout (train_freq env steps, n_envs transitions each) that
+        # takes num_timesteps past learning_starts.
+        per_rollout = self.train_freq.frequency * rb.n_envs
+        rollouts = max(-(-(self.learning_starts + 1 - steps) // per_rollout), 1)
+        at_first_update = min(capacity, stored + rollouts * per_rollout)
         if steps > 0:  # a continued run's updates wait for the buffer to refill (train)
             at_first_update = max(at_first_update, self._transitions_to_train())
         if self.batch_size > at_first_update:
