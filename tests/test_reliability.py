@@ -217,6 +217,12 @@ def test_a_learn_that_resets_the_envs_closes_unfinished_episodes():
     assert model.replay_buffer.dones[149, 0] == 0
     model.learn(10)  # reset_num_timesteps=True: the envs are reset, the episode in the buffer is cut
     assert model.replay_buffer.dones[149, 0] == 1 and model.replay_buffer.timeouts[149, 0] == 1
+    # Without handle_timeout_termination SB3 never writes time-out flags (every episode end is terminal):
+    # a flag set here would outlive the row and turn a later true termination into a time-out.
+    model = seed_phase_model(replay_buffer_kwargs={"handle_timeout_termination": False})
+    model.learn(150)
+    model.learn(10)
+    assert model.replay_buffer.dones[149, 0] == 1 and not model.replay_buffer.timeouts.any()
 
 
 # --------------------------------------------------------------------------- 2. determinism

@@ -126,7 +126,9 @@ def last_written_row(buffer: ReplayBuffer) -> int | None:
 def close_episodes(buffer: ReplayBuffer, envs: np.ndarray | list[int] | slice = slice(None)) -> None:
     """
     Mark the last transition stored for each of ``envs`` as a time-out where it does not already end
-    an episode, so that no sequence runs on from it into what that env stores next.
+    an episode, so that no sequence runs on from it into what that env stores next. Without
+    ``handle_timeout_termination`` (every episode end a terminal, as SB3 stores it then) only as done:
+    SB3's ``add`` would never clear a time-out flag of that row.
     """
     row = last_written_row(buffer)
     if row is None:
@@ -134,7 +136,8 @@ def close_episodes(buffer: ReplayBuffer, envs: np.ndarray | list[int] | slice = 
     chosen = np.zeros(buffer.n_envs, dtype=bool)
     chosen[envs] = True
     unfinished = chosen & (buffer.dones[row] == 0)
-    buffer.timeouts[row, unfinished] = 1
+    if buffer.handle_timeout_termination:
+        buffer.timeouts[row, unfinished] = 1
     buffer.dones[row, unfinished] = 1
 
 
