@@ -193,6 +193,13 @@ def test_resume_under_vec_normalize_warns_and_resets_once(tmp_path):
     assert env.obs_rms.count == pytest.approx(count + 11)  # learn()'s one reset and 10 steps
 
 
+def test_resume_of_a_model_saved_before_any_step_says_so(tmp_path):
+    TDMPC("Pendulum-v1", **TINY).save(tmp_path / "model")
+    resumed = TDMPC.load(tmp_path / "model", env=make_vec_env("Pendulum-v1", seed=0))
+    with pytest.warns(ResumeWarning, match="saved before learn\\(\\) had stepped any environment"):
+        resumed.learn(5, reset_num_timesteps=False)
+
+
 def test_resume_after_an_interrupted_learn_warns(tmp_path):
     class Interrupt(BaseCallback):
         def _on_step(self):

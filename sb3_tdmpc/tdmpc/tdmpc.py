@@ -745,7 +745,9 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         env, problems = self.env, []
         last_obs, rngs = state["last_obs"], self._episode_rng
         starts = np.asarray(self._last_episode_starts, dtype=bool).reshape(-1)
-        if last_obs is None or len(last_obs) != env.num_envs or len(starts) != env.num_envs:
+        if last_obs is None:
+            problems.append("it was saved before learn() had stepped any environment")
+        elif len(last_obs) != env.num_envs or len(starts) != env.num_envs:
             problems.append(f"it was saved with other environments than the {env.num_envs} given")
         else:
             if not starts.all():
