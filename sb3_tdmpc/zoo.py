@@ -18,7 +18,9 @@ to the command line:
 
 * ``--algo`` defaults to ``tdmpc`` (the zoo's default is ``ppo``) for the verbs that take one algorithm;
 * ``train --algo tdmpc`` without ``-conf`` reads the hyperparameters shipped in this package
-  (:func:`default_config_path`), where the zoo would look inside its own package.
+  (:func:`default_config_path`), where the zoo would look inside its own package; ``-conf NAME``
+  that is no file here but names one shipped in ``sb3_tdmpc/hyperparams`` (``tdmpc_cpu.yml``, the
+  CPU preset) reads that one (:func:`shipped_config`).
 
 ``train -i <run>/<env>.zip`` continues the run where it stopped when the replay buffer saved with
 it (``--save-replay-buffer``) is there: the step count, seed phase and schedules go on instead of
@@ -95,9 +97,9 @@ def default_config_path(algo: str = DEFAULT_ALGO) -> Path:
     :return: Path of the YAML file
     :raises FileNotFoundError: If the package ships no file for ``algo``
     """
-    path = Path(str(resources.files("sb3_tdmpc").joinpath("hyperparams", f"{algo}.yml")))
-    if not path.is_file():
-        raise FileNotFoundError(f"sb3_tdmpc ships no hyperparameters for {algo!r} (looked for {path})")
+    path = shipped_config(algo)
+    if path is None:
+        raise FileNotFoundError(f"sb3_tdmpc ships no hyperparameters for {algo!r} (sb3_tdmpc/hyperparams/)")
     return path
 
 
@@ -243,6 +245,18 @@ def register(inference: bool = False) -> None:
     hyperparams_opt.HYPERPARAMS_CONVERTER[DEFAULT_ALGO] = convert_tdmpc_params
 
 
+def shipped_config(name: str) -> Path | None:
+    """
+    ``sb3_tdmpc/hyperparams/<name>`` (``.yml`` appended if missing), the files shipped with the package
+    (``tdmpc.yml``, the paper's settings; ``tdmpc_cpu.yml``, the CPU preset); ``None`` if there is none.
+    """
+    file_name = name if name.endswith((".yml", ".yaml")) else f"{name}.yml"
+    if Path(file_name).name != file_name:
+        return None  # a path, not a shipped file's name
+    path = Path(str(resources.files("sb3_tdmpc").joinpath("hyperparams", file_name)))
+    return path if path.is_file() else None
+
+
 def _launcher_parser() -> argparse.ArgumentParser:
     # The zoo's own spellings, so that abbreviations and `--opt=value` resolve as in its parsers.
     parser = argparse.ArgumentParser(add_help=False)
@@ -271,7 +285,20 @@ def prepare_args(verb: str, args: Sequence[str]) -> list[str]:
         defaults += ["--algo", DEFAULT_ALGO]
     if verb == "train" and (given.algo or DEFAULT_ALGO) == DEFAULT_ALGO and given.conf_file is None:
         defaults += ["--conf-file", str(default_config_path())]
+    shipped = (
+        None if given.conf_file is None or Path(given.conf_file).exists() else shipped_config(given.conf_file)
+    )
+    if shipped is not None:  # `-conf tdmpc_cpu.yml` from anywhere: the file shipped in this package
+        args = [_with_value(arg, given.conf_file, str(shipped)) for arg in args]
     return defaults + args
+
+
+def _with_value(arg: str, value: str, new: str) -> str:
+    """``arg`` with the option value ``value`` replaced (``value`` itself, or ``--option=value``)."""
+    if arg == value:
+        return new
+    option, equals, rest = arg.partition("=")
+    return f"{option}={new}" if equals and rest == value and option.startswith("-") else arg
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from sb3_tdmpc.zoo import (
     prepare_args,
     register,
     sample_tdmpc_params,
+    shipped_config,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -171,6 +172,10 @@ def test_default_config_path_is_package_data():
         (["--algo=tdmpc", "--conf-file=my.yml"], ["--algo=tdmpc", "--conf-file=my.yml"]),
         (["-conf", "mod.hyperparams"], ["--algo", "tdmpc", "-conf", "mod.hyperparams"]),
         (["--conf", "my.yml", "--algo", "tdmpc"], ["--conf", "my.yml", "--algo", "tdmpc"]),
+        # A -conf that is no file here but names one shipped with the package (pip installs have no checkout).
+        (["-conf", "tdmpc_cpu.yml"], ["--algo", "tdmpc", "-conf", "<cpu>"]),
+        (["--conf-file=tdmpc_cpu", "--seed", "1"], ["--algo", "tdmpc", "--conf-file=<cpu>", "--seed", "1"]),
+        (["-conf", "hyperparams/tdmpc_cpu.yml"], ["--algo", "tdmpc", "-conf", "hyperparams/tdmpc_cpu.yml"]),
         # Another zoo algorithm keeps the zoo's own hyperparameters.
         (["--algo", "sac", "--env", "Pendulum-v1"], ["--algo", "sac", "--env", "Pendulum-v1"]),
         # -params values are not mistaken for options.
@@ -181,7 +186,8 @@ def test_default_config_path_is_package_data():
     ],
 )
 def test_prepare_args_train(args, expected):
-    expected = [str(default_config_path()) if a == "<default>" else a for a in expected]
+    cpu = str(shipped_config("tdmpc_cpu"))
+    expected = [str(default_config_path()) if a == "<default>" else a.replace("<cpu>", cpu) for a in expected]
     assert prepare_args("train", args) == expected
 
 
