@@ -330,6 +330,7 @@ def test_invalid_settings_are_refused():
         ("num_elites", 0),
         ("num_samples", 0),
         ("policy_fraction", 1.5),
+        ("min_std", -0.1),
     ):
         with pytest.raises(ValueError, match=name):  # at construction, not after the seed phase
             TDMPC("Pendulum-v1", **{**TINY, name: value})
