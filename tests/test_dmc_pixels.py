@@ -228,6 +228,9 @@ def test_policy_and_observation_space_mismatch():
     ],
 )
 def test_cnn_policy_checks_the_image_size_at_construction(shape, policy_kwargs, match):
+    PixelEncoder(spaces.Box(0, 255, (3, 39, 39), np.uint8), 8)  # the smallest its convolutions take
+    with pytest.raises(ValueError, match="at least 39x39 pixels, got 38x38"):
+        PixelEncoder(spaces.Box(0, 255, (3, 38, 38), np.uint8), 8)
     env = ImageEnv()
     env.observation_space = spaces.Box(0, 255, shape, np.uint8)
     kwargs = {**TINY_PIXELS, "policy_kwargs": {**TINY_PIXELS["policy_kwargs"], **policy_kwargs}}

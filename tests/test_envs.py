@@ -1,4 +1,5 @@
 import importlib
+import sys
 import warnings
 
 import gymnasium as gym
@@ -272,7 +273,14 @@ def test_unknown_task_lists_close_matches():
     with pytest.raises(ValueError, match="Known tasks: assembly-v3"):
         make_metaworld_env("zzz")
     with pytest.raises(ValueError, match=r"DeepMind Control task 'walker-wlak'\. Did you mean: walker-walk"):
-        make_dmc_env("walker-wlak")  # before dm-control is imported
+        make_dmc_env("walker-wlak")
+
+
+def test_unknown_dmc_task_is_named_without_dm_control(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dm_control", None)  # an import of either would now fail
+    monkeypatch.setitem(sys.modules, "shimmy", None)
+    with pytest.raises(ValueError, match="Unknown DeepMind Control task 'walker-wlak'"):
+        make_dmc_env("walker-wlak")
 
 
 def test_corner_cameras_are_upright(reach_env):

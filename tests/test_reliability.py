@@ -153,7 +153,7 @@ def test_resume_without_the_replay_buffer_warns(tmp_path):
 
 
 def test_resume_with_a_later_save_of_the_runs_buffer_at_the_same_position_warns(tmp_path):
-    model = TDMPC("Pendulum-v1", seed=0, **{**TINY, "buffer_size": 100})
+    model = seed_phase_model(buffer_size=100)
     model.learn(200)
     model.save(tmp_path / "model")  # buffer full, write position 0
     model.learn(200, reset_num_timesteps=False)
@@ -403,7 +403,7 @@ def saved(tmp_path):
 
 
 def test_truncated_or_corrupted_checkpoint_names_the_file(saved, tmp_path):
-    _, path, _ = saved
+    model, path, _ = saved
     data = path.read_bytes()
     truncated = tmp_path / "truncated.zip"
     truncated.write_bytes(data[: len(data) // 2])
@@ -431,6 +431,7 @@ def test_truncated_or_corrupted_checkpoint_names_the_file(saved, tmp_path):
             TDMPC.load(lacking)
     with pytest.raises(CheckpointError, match="the checkpoint file is not a .*model checkpoint"):
         TDMPC.load(io.BytesIO(data[: len(data) // 2]))  # a file object: checked as well
+    assert TDMPC.load(io.BytesIO(data)).num_timesteps == model.num_timesteps  # and a whole one loads
 
 
 def test_truncated_or_inconsistent_buffer_names_the_file_and_keeps_the_current_buffer(saved, tmp_path):

@@ -273,7 +273,9 @@ def test_save_load_gives_same_parameters_and_actions(tmp_path):
 
 def test_load_keyword_arguments_set_the_planner(tmp_path):
     """As in SB3, load(path, **kwargs) changes the model: the planner too, gamma on both sides."""
-    TDMPC("Pendulum-v1", **TINY).save(tmp_path / "tdmpc")
+    model = TDMPC("Pendulum-v1", **TINY)
+    assert (model.policy.num_samples, model.policy.horizon, model.policy.planning_iterations) == (32, 3, 2)
+    model.save(tmp_path / "tdmpc")
     changed = dict(num_samples=40, num_elites=5, planning_iterations=3, temperature=2.0, momentum=0.5)
     loaded = TDMPC.load(tmp_path / "tdmpc", gamma=0.9, horizon=2, min_std=0.2, **changed)
     policy = loaded.policy

@@ -191,6 +191,14 @@ def test_prepare_args_train(args, expected):
     assert prepare_args("train", args) == expected
 
 
+def test_conf_names_a_shipped_file_only_when_no_local_file_does(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert prepare_args("train", ["-conf", "sub/tdmpc_cpu.yml"])[-1] == "sub/tdmpc_cpu.yml"  # a path
+    assert prepare_args("train", ["-conf", "tdmpc_cpu.yml"])[-1] == str(shipped_config("tdmpc_cpu"))
+    (tmp_path / "tdmpc_cpu.yml").write_text("")
+    assert prepare_args("train", ["-conf", "tdmpc_cpu.yml"])[-1] == "tdmpc_cpu.yml"  # the local file wins
+
+
 def test_prepare_args_other_verbs():
     assert prepare_args("enjoy", ["--env", ENV_ID, "-f", "logs/"]) == [
         "--algo",
@@ -267,6 +275,21 @@ def test_a_checkpoint_beside_another_points_buffer_restarts_with_an_empty_buffer
     with pytest.warns(ResumeWarning, match="middle of an episode"):  # saved at step 150 of 200
         final.learn(60)  # its own buffer: the run continues
     assert final.num_timesteps == 210 and final.replay_buffer.pos == 210
+
+    # A later save of the run's full buffer can sit at the checkpoint's write position (here both at 0):
+    # the rows it has been given tell them apart.
+    small = {**tiny, "learning_starts": 10_000}  # seed steps only: cheap, and all that is needed
+    model = ContinuingTDMPC("Pendulum-v1", seed=0, buffer_size=100, policy_kwargs=policy_kwargs, **small)
+    model.learn(100)
+    model.save(tmp_path / "rl_model_100_steps.zip")
+    model.learn(100, reset_num_timesteps=False)
+    model.save_replay_buffer(tmp_path / "replay_buffer.pkl")
+    checkpoint = ContinuingTDMPC.load(tmp_path / "rl_model_100_steps.zip", env=make_vec_env("Pendulum-v1"))
+    checkpoint.load_replay_buffer(tmp_path / "replay_buffer.pkl")
+    assert checkpoint.replay_buffer.pos == 0 and checkpoint._resume_state["buffer_position"][0] == 0
+    with pytest.warns(ResumeWarning, match="not the one saved with it .* restarts its step count"):
+        checkpoint.learn(10)
+    assert checkpoint.num_timesteps == 10
 
 
 def test_inference_load_allocates_a_minimal_buffer(tmp_path):
