@@ -115,14 +115,13 @@ def check_zip_archive(
     Raise :class:`CheckpointError` naming ``source`` unless it is a complete, uncorrupted model archive.
 
     Checks the zip structure (a truncated file has no central directory), every member's CRC and
-    that the members a model needs are present. A file object is read from its current position and
-    left there.
+    that the members a model needs are present (in a file or a file object).
     """
     if isinstance(source, pathlib.Path) and not source.is_file():
         raise FileNotFoundError(f"No checkpoint at {source}")
     name = _name(source)
     try:
-        with _rewound(source), zipfile.ZipFile(source) as archive:
+        with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()
             names = set(archive.namelist())
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
@@ -146,17 +145,6 @@ def _name(source: pathlib.Path | io.BufferedIOBase) -> str:
         if isinstance(source, pathlib.Path)
         else str(getattr(source, "name", "the checkpoint file"))
     )
-
-
-@contextlib.contextmanager
-def _rewound(source: pathlib.Path | io.BufferedIOBase) -> Any:
-    """A file object's position restored afterwards (a path: nothing to do)."""
-    position = None if isinstance(source, pathlib.Path) else source.tell()
-    try:
-        yield
-    finally:
-        if position is not None:
-            source.seek(position)  # type: ignore[union-attr]
 
 
 def load_pickle(path: str | pathlib.Path) -> Any:
