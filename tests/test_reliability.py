@@ -290,6 +290,14 @@ class SpacesEnv(gym.Env):
         (spaces.Box(-1, 1, (3,)), spaces.Discrete(3), "Discrete"),
         (spaces.Box(-1, 1, (3,)), spaces.MultiDiscrete([3, 2]), "MultiDiscrete"),
         (spaces.Box(-1, 1, (3,)), spaces.Box(-np.inf, np.inf, (2,)), "finite"),
+        (spaces.Box(-1, 1, (3,)), spaces.Box(-5, 5, (2,), np.int64), "must be floating-point"),
+        (
+            spaces.Box(-1, 1, (3,)),
+            spaces.Box(np.array([-1, 0]), np.array([1, 0]), dtype=np.float32),
+            "low < high",
+        ),
+        (spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (0,)), "at least one action dimension"),
+        (spaces.Box(-1, 1, (0,)), spaces.Box(-1, 1, (2,)), "non-empty 1-D Box"),
         (spaces.Discrete(5), spaces.Box(-1, 1, (2,)), "observation"),
         (spaces.Dict(a=spaces.Box(-1, 1, (3,)), d=spaces.Discrete(3)), spaces.Box(-1, 1, (2,)), "all Boxes"),
         (
@@ -331,9 +339,20 @@ def test_invalid_settings_are_refused():
         ("num_samples", 0),
         ("policy_fraction", 1.5),
         ("min_std", -0.1),
+        ("batch_size", 0),
+        ("horizon", 2.5),
+        ("train_freq", 0),
+        ("gamma", 1.5),
+        ("tau", 2.0),
+        ("rho", -1.0),
+        ("temperature", 0.0),
+        ("momentum", 1.0),
+        ("max_grad_norm", 0.0),  # not "no clipping": the weights would never move
     ):
         with pytest.raises(ValueError, match=name):  # at construction, not after the seed phase
             TDMPC("Pendulum-v1", **{**TINY, name: value})
+    with pytest.raises(ValueError, match="latent_dim must be >= 1"):
+        TDMPC("Pendulum-v1", **{**TINY, "policy_kwargs": {**TINY_POLICY, "latent_dim": 0}})
     with pytest.raises(ValueError, match="target_update_interval must be >= 1"):
         TDMPC("Pendulum-v1", **TINY, target_update_interval=0)
     model = TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})  # fine to act with
@@ -592,6 +611,39 @@ def test_non_finite_policy_loss_leaves_the_policy_prior_unchanged(trained, monke
     assert all(
         th.equal(a, b) for a, b in zip(pi_before, trained.policy.model.pi_net.parameters(), strict=True)
     )
+
+
+def test_a_non_finite_loss_stops_training_even_where_its_gradient_is_finite():
+    # Rewards of 1e20: the clamped loss gives a finite (zero) gradient, the loss itself is inf.
+    env = make_vec_env(lambda: gym.wrappers.TransformReward(gym.make("Pendulum-v1"), lambda r: 1e20), seed=0)
+    with pytest.raises(FloatingPointError, match="Non-finite reward_loss"):
+        TDMPC("MlpPolicy", env, seed=0, **TINY).learn(100)
+
+
+def test_a_learning_rate_schedule_that_turns_non_finite_stops_before_the_update():
+    model = TDMPC(
+        "Pendulum-v1", seed=0, **TINY, learning_rate=lambda progress: 1e-3 if progress > 0.5 else np.nan
+    )
+    with pytest.raises(ValueError, match="learning rate schedule returned nan .*no update was made"):
+        model.learn(200)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_only_dropped_transitions_give_a_clear_error():
+    env = make_vec_env(lambda: FaultyEnv(nan_reward_at=range(1, 1000)), seed=0)
+    model = TDMPC("MlpPolicy", env, seed=0, **TINY)
+    with (
+        pytest.raises(ValueError, match="every priority is 0 .*non-finite and dropped"),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore", NonFiniteTransitionWarning)
+        model.learn(100)
+
+
+def test_a_policy_saved_alone_is_named_as_such_by_tdmpc_load(tmp_path):
+    TDMPC("Pendulum-v1", **TINY).policy.save(tmp_path / "policy.zip")
+    with pytest.raises(CheckpointError, match="a policy saved alone .* MlpPolicy.load"):
+        TDMPC.load(tmp_path / "policy.zip")
 
 
 class FaultyEnv(gym.Wrapper):

@@ -293,6 +293,11 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         n_stored = self.size() * self.n_envs
         if n_stored == 0:
             raise ValueError("Cannot sample from an empty replay buffer")
+        if self.tree.total <= 0:
+            raise ValueError(
+                "No stored transition can start a sequence: every priority is 0 (e.g. every transition so "
+                "far was non-finite and dropped, see num_nonfinite_transitions)"
+            )
 
         total = self.tree.total
         # The global legacy RNG, so that SB3's set_random_seed makes sampling reproducible.

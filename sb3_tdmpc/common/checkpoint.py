@@ -132,6 +132,11 @@ def check_zip_archive(
     if bad is not None:
         raise CheckpointError(f"{name} is corrupted: member {bad!r} fails its CRC check")
     missing = [member for member in required if member not in names]
+    if missing and "data" in missing and any(member.endswith("/data.pkl") for member in names):
+        raise CheckpointError(
+            f"{name} is a torch.save file, not a model checkpoint: a policy saved alone "
+            "(policy.save) loads with its class's load, e.g. MlpPolicy.load"
+        )
     if missing:
         raise CheckpointError(
             f"{name} is not a complete model checkpoint (truncated or corrupted): "

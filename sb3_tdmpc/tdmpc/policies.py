@@ -1023,6 +1023,10 @@ class TDMPCPolicy(BasePolicy):
         if num_elites > num_samples:
             raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
         for name, value, valid, requirement in (
+            ("latent_dim", latent_dim, latent_dim >= 1, ">= 1"),
+            ("mlp_dim", mlp_dim, mlp_dim >= 1, ">= 1"),
+            ("enc_dim", enc_dim, enc_dim >= 1, ">= 1"),
+            ("num_q", num_q, num_q >= 1, ">= 1"),
             ("planning_iterations", planning_iterations, planning_iterations >= 1, ">= 1"),
             ("num_elites", num_elites, num_elites >= 1, ">= 1"),
             ("policy_fraction", policy_fraction, 0 <= policy_fraction <= 1, "in [0, 1]"),
@@ -1126,8 +1130,14 @@ class TDMPCPolicy(BasePolicy):
                 f"{cls.__name__} encodes flat (1-D) Box observations, got the image space "
                 f"{observation_space}: use CnnPolicy for image observations"
             )
-        if not (isinstance(observation_space, spaces.Box) and len(observation_space.shape) == 1):
-            raise ValueError(f"{cls.__name__} needs a 1-D Box observation space, got {observation_space}")
+        if not (
+            isinstance(observation_space, spaces.Box)
+            and len(observation_space.shape) == 1
+            and observation_space.shape[0] > 0
+        ):
+            raise ValueError(
+                f"{cls.__name__} needs a non-empty 1-D Box observation space, got {observation_space}"
+            )
 
     def make_encoder(self) -> nn.Module | None:
         """The encoder h of the world model; None: the state MLP (``enc_dim`` wide)."""

@@ -88,6 +88,19 @@ def _check_action_space(action_space: spaces.Space) -> None:
             f"TDMPC plans actions in [-1, 1] rescaled to the action bounds, which must be finite; got "
             f"{action_space}. Wrap the env in gymnasium.wrappers.ClipAction or RescaleAction."
         )
+    if not np.issubdtype(action_space.dtype, np.floating):
+        raise ValueError(
+            f"TDMPC plans continuous actions: the action Box must be floating-point, got {action_space}"
+        )
+    if (
+        action_space.shape is None
+        or int(np.prod(action_space.shape)) == 0
+        or np.any(action_space.low >= action_space.high)
+    ):
+        raise ValueError(
+            f"TDMPC needs at least one action dimension, each with low < high (actions are rescaled from "
+            f"[-1, 1] to the bounds), got {action_space}"
+        )
 
 
 class _PolicyClassError(ValueError):
@@ -211,8 +224,21 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 "TDMPC does not support optimize_memory_usage=True: memory-optimised storage drops the final "
                 "observation of each episode, which TD-MPC's sequence losses need."
             )
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
+        frequency = train_freq[0] if isinstance(train_freq, tuple) else train_freq
+        for name, value, valid, requirement in (
+            ("horizon", horizon, isinstance(horizon, (int, np.integer)) and horizon >= 1, "an integer >= 1"),
+            ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+            ("train_freq", train_freq, frequency >= 1, ">= 1 (steps or episodes)"),
+            ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
+            ("tau", tau, 0 < tau <= 1, "in (0, 1]"),
+            ("rho", rho, 0 < rho <= 1, "in (0, 1]"),
+            ("temperature", temperature, temperature > 0, "> 0"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("max_grad_norm", max_grad_norm, max_grad_norm > 0, "> 0 (the gradient norm clipped to)"),
+            ("target_update_interval", target_update_interval, target_update_interval >= 1, ">= 1"),
+        ):
+            if not valid:  # here, not after the seed phase
+                raise ValueError(f"{name} must be {requirement}, got {value}")
         super().__init__(
             policy,
             env,  # type: ignore[arg-type]
@@ -261,8 +287,6 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         self.temperature = temperature
         self.momentum = momentum
         self.min_std = min_std
-        if target_update_interval < 1:
-            raise ValueError(f"target_update_interval must be >= 1, got {target_update_interval}")
         planner_keys = sorted(PLANNER_SETTINGS & self.policy_kwargs.keys())
         if planner_keys:  # one place for each setting: the updates read gamma and horizon too
             raise ValueError(
@@ -368,6 +392,12 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         if self._stored_transitions() < self._refill_until:
             return  # a resumed run refilling its replay buffer (docs/reliability.md)
         self.policy.set_training_mode(True)
+        learning_rate = self.lr_schedule(self._current_progress_remaining)
+        if not np.isfinite(learning_rate) or learning_rate < 0:  # checked at construction at progress 1 only
+            raise ValueError(
+                f"The learning rate schedule returned {learning_rate} at progress remaining "
+                f"{self._current_progress_remaining:.4f} (step {self.num_timesteps}); no update was made"
+            )
         self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
         self._update_schedules()
         if self._n_updates == 0:
@@ -521,10 +551,10 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
     def _check_finite(
         self, grad_norm: th.Tensor, losses: dict[str, th.Tensor], step: Literal["world_model", "policy_prior"]
     ) -> None:
-        """Stop before a non-finite gradient reaches the weights, naming the step and the loss term."""
-        if bool(th.isfinite(grad_norm)):
-            return
-        bad = [name for name, value in losses.items() if not bool(th.isfinite(value).all())] or ["gradient"]
+        """Stop before a non-finite gradient or loss reaches the weights, naming the step and the term."""
+        if bool(th.isfinite(th.stack([grad_norm, *(loss.sum() for loss in losses.values())])).all()):
+            return  # one host sync for all
+        bad = [name for name, value in losses.items() if not bool(th.isfinite(value.sum()))] or ["gradient"]
         unchanged = (
             "the policy prior was not changed (the world model had already taken this update's finite step)"
             if step == "policy_prior"
