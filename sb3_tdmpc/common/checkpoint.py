@@ -124,6 +124,9 @@ def check_zip_archive(
         with zipfile.ZipFile(source) as archive:
             bad = archive.testzip()
             names = set(archive.namelist())
+            # Where the archive found starts inside the file (a truncated checkpoint can end in the
+            # torch.save archive of one of its members, which zipfile then opens on its own).
+            starts_at = min((info.header_offset for info in archive.infolist()), default=0)
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         raise CheckpointError(
             f"{name} is not a readable model checkpoint (truncated or corrupted zip file: {e}). "
@@ -132,7 +135,12 @@ def check_zip_archive(
     if bad is not None:
         raise CheckpointError(f"{name} is corrupted: member {bad!r} fails its CRC check")
     missing = [member for member in required if member not in names]
-    if missing and "data" in missing and any(member.endswith("/data.pkl") for member in names):
+    if (
+        missing
+        and starts_at == 0
+        and "data" in missing
+        and any(member.endswith("/data.pkl") for member in names)
+    ):
         raise CheckpointError(
             f"{name} is a torch.save file, not a model checkpoint: a policy saved alone "
             "(policy.save) loads with its class's load, e.g. MlpPolicy.load"
