@@ -264,7 +264,7 @@ def test_same_seed_gives_the_same_losses_and_actions_for_1000_steps(env_id):
 
     (first, losses_1), (second, losses_2) = run(), run()
     assert len(losses_1) > 500 and losses_1 == losses_2
-    assert first.replay_buffer.pos == 1000
+    assert first.replay_buffer.pos == 1000 and first._n_updates == 104  # 5 seed updates, then 1 per step
     assert np.array_equal(first.replay_buffer.actions, second.replay_buffer.actions)
     assert_same_state(first, second)
 

@@ -293,13 +293,12 @@ class PrioritizedReplayBuffer(ReplayBuffer):
         n_stored = self.size() * self.n_envs
         if n_stored == 0:
             raise ValueError("Cannot sample from an empty replay buffer")
-        if self.tree.total <= 0:
+        total = self.tree.total
+        if total <= 0:
             raise ValueError(
                 "No stored transition can start a sequence: every priority is 0 (e.g. every transition so "
                 "far was non-finite and dropped, see num_nonfinite_transitions)"
             )
-
-        total = self.tree.total
         # The global legacy RNG, so that SB3's set_random_seed makes sampling reproducible.
         jitter = np.random.uniform(size=batch_size)  # noqa: NPY002
         u = (np.arange(batch_size) + jitter) * (total / batch_size)

@@ -572,9 +572,6 @@ def forward_mlp(net: nn.Module, x: th.Tensor) -> th.Tensor:
     return linear(x, last.weight, last.bias)
 
 
-_PIXEL_KERNELS = (7, 5, 3, 3)
-
-
 class PixelEncoder(nn.Module):
     """
     TD-MPC's pixel encoder: ``x / 255``, 4 conv layers (``num_channels`` channels, kernels 7/5/3/3,
@@ -587,17 +584,9 @@ class PixelEncoder(nn.Module):
 
     def __init__(self, observation_space: spaces.Box, latent_dim: int, num_channels: int = 32) -> None:
         super().__init__()
-        in_channels, *image_size = observation_space.shape
-        size = min(image_size)
-        for kernel in _PIXEL_KERNELS:  # each stride-2 convolution needs an input at least its kernel's size
-            size = (size - kernel) // 2 + 1 if size >= kernel else 0
-        if size < 1:
-            raise ValueError(
-                f"PixelEncoder's four stride-2 convolutions need images of at least 39x39 pixels, got "
-                f"{image_size[0]}x{image_size[1]}"
-            )
+        in_channels = observation_space.shape[0]
         convs: list[nn.Module] = []
-        for kernel in _PIXEL_KERNELS:
+        for kernel in (7, 5, 3, 3):
             convs += [nn.Conv2d(in_channels, num_channels, kernel, stride=2), nn.ReLU()]
             in_channels = num_channels
         self.convs = nn.Sequential(*convs, nn.Flatten())
@@ -606,7 +595,14 @@ class PixelEncoder(nn.Module):
                 nn.init.orthogonal_(module.weight, nn.init.calculate_gain("relu"))
                 nn.init.zeros_(module.bias)
         with th.no_grad():
-            n_flat = self.convs(th.zeros(1, *observation_space.shape)).shape[1]
+            try:
+                n_flat = self.convs(th.zeros(1, *observation_space.shape)).shape[1]
+            except RuntimeError as error:  # an image smaller than a kernel after the strides before it
+                height, width = observation_space.shape[1:]
+                raise ValueError(
+                    f"PixelEncoder's four stride-2 convolutions need images of at least 39x39 pixels, got "
+                    f"{height}x{width}"
+                ) from error
         self.linear = nn.Linear(n_flat, latent_dim)
         self.image_shape = tuple(observation_space.shape)
 
@@ -1030,6 +1026,8 @@ class TDMPCPolicy(BasePolicy):
             ("planning_iterations", planning_iterations, planning_iterations >= 1, ">= 1"),
             ("num_elites", num_elites, num_elites >= 1, ">= 1"),
             ("policy_fraction", policy_fraction, 0 <= policy_fraction <= 1, "in [0, 1]"),
+            ("temperature", temperature, temperature > 0, "> 0"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
             ("min_std", min_std, min_std >= 0, ">= 0"),
         ):
             if not valid:

@@ -224,16 +224,12 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 "TDMPC does not support optimize_memory_usage=True: memory-optimised storage drops the final "
                 "observation of each episode, which TD-MPC's sequence losses need."
             )
-        frequency = train_freq[0] if isinstance(train_freq, tuple) else train_freq
         for name, value, valid, requirement in (
             ("horizon", horizon, isinstance(horizon, (int, np.integer)) and horizon >= 1, "an integer >= 1"),
             ("batch_size", batch_size, batch_size >= 1, ">= 1"),
-            ("train_freq", train_freq, frequency >= 1, ">= 1 (steps or episodes)"),
             ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
             ("tau", tau, 0 < tau <= 1, "in (0, 1]"),
             ("rho", rho, 0 < rho <= 1, "in (0, 1]"),
-            ("temperature", temperature, temperature > 0, "> 0"),
-            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
             ("max_grad_norm", max_grad_norm, max_grad_norm > 0, "> 0 (the gradient norm clipped to)"),
             ("target_update_interval", target_update_interval, target_update_interval >= 1, ">= 1"),
         ):
@@ -333,6 +329,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             super()._setup_model()
         finally:
             self.policy_kwargs = policy_kwargs
+        if self.train_freq.frequency < 1:  # as SB3 parsed it
+            raise ValueError(f"train_freq must be >= 1 (steps or episodes), got {self.train_freq.frequency}")
         self._update_schedules()
 
     def _update_schedules(self) -> None:
@@ -392,13 +390,15 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         if self._stored_transitions() < self._refill_until:
             return  # a resumed run refilling its replay buffer (docs/reliability.md)
         self.policy.set_training_mode(True)
-        learning_rate = self.lr_schedule(self._current_progress_remaining)
-        if not np.isfinite(learning_rate) or learning_rate < 0:  # checked at construction at progress 1 only
+        self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
+        learning_rate = self.policy.optimizer.param_groups[0][
+            "lr"
+        ]  # SB3 checks the schedule at progress 1 only
+        if not np.isfinite(learning_rate) or learning_rate < 0:
             raise ValueError(
                 f"The learning rate schedule returned {learning_rate} at progress remaining "
                 f"{self._current_progress_remaining:.4f} (step {self.num_timesteps}); no update was made"
             )
-        self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
         self._update_schedules()
         if self._n_updates == 0:
             gradient_steps = max(gradient_steps, self.seed_updates)
