@@ -6,7 +6,7 @@ rerun them.
 1. ``chain``: five (Linear 512->512, ELU, Linear 512->512, ELU) blocks on 537 rows, the shape of
    the planner's dynamics/reward layers, against the same ten matmuls alone (no bias, no ELU):
    eager (``addmm`` + the package's ELU in PyTorch ops; the package's fused CPU kernel,
-   ``policies.affine_elu``), and ``torch.compile``d with ``addmm`` (what the
+   ``fast_layers.affine_elu``), and ``torch.compile``d with ``addmm`` (what the
    compiled planner does), with ``mm`` and the bias added in the ELU kernel (no bias copy before
    the GEMM), and with Inductor's C++ GEMM template (``max_autotune``, CPP backend; reachable for
    non-constant weights only through ``bmm``), which can fuse the ELU into the GEMM's epilogue.
@@ -34,7 +34,7 @@ rerun them.
    timed where it runs, full-width (every dimension >= 512) and narrow, against the floor.
 5. ``policy step`` (``--policy-step-rounds``): the policy prior step alone (after an untimed
    world-model step) of the plan/update variants, in turn round after round: its Q backward
-   (``policies._FrozenQMember``) against autograd's and against one over all rows.
+   (``fast_layers.FrozenQMember``) against autograd's and against one over all rows.
 6. ``tall matmuls`` (``--tall-rounds``): the update's [2560 or 3072, 512] x [512, 512] matmuls (an
    input gradient over horizon x batch rows) by ATen (MKL's threads) and by the fused CPU kernels'
    per-thread row blocks (``cpu_kernels.mm``), interleaved with the floor's matmul.
@@ -48,7 +48,7 @@ rerun them.
    gradient (three summed) and weight gradient, with what one GEMM would save against the update's floor.
 9. ``first layers' weight gradients`` (``--weight-gradient-rounds``): the update's first layers' (encoder,
    d, R, pi; narrow inputs) weight gradients as ``grad^T x`` in the nn.Linear weight's layout and as
-   ``x^T grad`` with the narrow side as rows, then copied into that layout (``policies._weight_gradient``),
+   ``x^T grad`` with the narrow side as rows, then copied into that layout (``fast_layers._weight_gradient``),
    and what the second saves per update against the update's floor.
 
 Each variant of 1-3 is timed in turn, round after round (interleaved, so that a change of machine load
@@ -88,10 +88,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py: model, timer and floor of the speed benchmark)
 
-from sb3_tdmpc.common import cpu_kernels  # noqa: E402
+from sb3_tdmpc.common import cpu_kernels, fast_layers  # noqa: E402
 from sb3_tdmpc.common.buffers import SumTree  # noqa: E402
+from sb3_tdmpc.common.fast_layers import elu_  # noqa: E402
 from sb3_tdmpc.tdmpc import policies  # noqa: E402
-from sb3_tdmpc.tdmpc.policies import elu_  # noqa: E402
 
 ROWS, WIDTH, BLOCKS = 537, 512, 5
 LATENT_DIM = 50  # the paper's (TDMPCPolicy's default)
@@ -129,7 +129,7 @@ def chain_variants() -> tuple[Callable[[], Any], dict[str, Callable[[], Any]]]:
     def fused_kernel() -> th.Tensor:
         h = x
         for _ in range(BLOCKS):
-            h = policies.affine_elu(policies.affine_elu(h, w1.t(), b1), w2.t(), b2)
+            h = fast_layers.affine_elu(fast_layers.affine_elu(h, w1.t(), b1), w2.t(), b2)
         return h
 
     def bmm_elu() -> th.Tensor:
@@ -246,11 +246,11 @@ def _never(x: th.Tensor) -> bool:
     return False
 
 
-# The compiled-CPU layer shapes of ``policies`` switched off: with ``_compiling_for_cpu`` always
+# The compiled-CPU layer shapes of ``policies`` switched off: with ``compiling_for_cpu`` always
 # false, every layer is traced as the straightforward ``addmm``/``addmv`` and ``exp`` (no ``affine``
 # shapes, ``_exp``); ELU's backward from its output (``_ELU``, eager's too) and
-# the policy prior step's frozen Q backward (``_FrozenQMember``) stay.
-PLAIN_LAYERS = {"_compiling_for_cpu": _never}
+# the policy prior step's frozen Q backward (``FrozenQMember``) stay.
+PLAIN_LAYERS = {"compiling_for_cpu": _never}
 
 
 def _all_rows(grad: th.Tensor) -> th.Tensor:
@@ -258,29 +258,29 @@ def _all_rows(grad: th.Tensor) -> th.Tensor:
 
 
 # The policy prior's step with each Q member's backward over all rows, not only those that
-# min(Q1, Q2)'s gradient reaches (``policies.reached_rows``).
+# min(Q1, Q2)'s gradient reaches (``fast_layers.reached_rows``).
 ALL_ROWS = {"reached_rows": _all_rows}
 
 
 class _FrozenQMemberByAutograd:
-    """``policies._FrozenQMember`` by autograd: the backward over all rows, compiled by Inductor too."""
+    """``fast_layers.FrozenQMember`` by autograd: the backward over all rows, compiled by Inductor too."""
 
     @staticmethod
     def apply(
         z_product: th.Tensor, b1: th.Tensor, action: th.Tensor, w_a: th.Tensor, *weights: th.Tensor
     ) -> th.Tensor:
         norm_weight, norm_bias, w2, b2, w3, b3 = weights
-        h = policies.add_narrow_matmul(policies.add_bias(z_product, b1), action, w_a)
-        h = policies.layer_norm_tanh(h, norm_weight, norm_bias)
-        return policies.affine(policies.affine_elu(h, w2, b2), w3, b3)
+        h = fast_layers.add_narrow_matmul(fast_layers.add_bias(z_product, b1), action, w_a)
+        h = fast_layers.layer_norm_tanh(h, norm_weight, norm_bias)
+        return fast_layers.affine(fast_layers.affine_elu(h, w2, b2), w3, b3)
 
 
-# The policy prior step's Q by autograd (as before Nov 30's ``_FrozenQMember``).
-Q_BY_AUTOGRAD = {"_FrozenQMember": _FrozenQMemberByAutograd}
+# The policy prior step's Q by autograd (as before Nov 30's ``FrozenQMember``).
+Q_BY_AUTOGRAD = {"FrozenQMember": _FrozenQMemberByAutograd}
 
 
 class _RowDotByAutograd:
-    """``policies._RowDot`` with autograd's backward (Inductor: a column reduction for the weight)."""
+    """``fast_layers._RowDot`` with autograd's backward (Inductor: a column reduction for the weight)."""
 
     @staticmethod
     def apply(x: th.Tensor, w: th.Tensor) -> th.Tensor:
@@ -302,8 +302,8 @@ NO_CPU_KERNELS = {"cpu_kernels_apply": _never}
 
 
 def _patched_call(name: str, patches: dict[str, Any]) -> Callable[..., Any]:
-    """``policies.<name>`` (as imported) run with ``patches`` (e.g. the fused CPU kernels off)."""
-    original = getattr(policies, name)
+    """``<name>`` (as imported) run with ``patches`` (e.g. the fused CPU kernels off)."""
+    original = getattr(fast_layers, name, None) or getattr(policies, name)
 
     def call(*args: Any) -> Any:
         with patched(patches):
@@ -327,14 +327,15 @@ ATEN_BACKWARD_PASSES = {
 def _first_layer_norm_tanh_by_addmm(*args: th.Tensor) -> Any:
     z_product, bias, action, w_a, norm_weight, norm_bias = args
     h = th.addmm(z_product + bias, action, w_a)
-    return h, *cpu_kernels.layer_norm_tanh(h, norm_weight, norm_bias, policies._LAYER_NORM_EPS)
+    return h, *cpu_kernels.layer_norm_tanh(h, norm_weight, norm_bias, fast_layers.LAYER_NORM_EPS)
 
 
 # Q's first layer in the policy step as before 2990629: the bias added, the action's part by a K = 4
 # addmm (which copies its input first), then the LayerNorm-tanh kernel; not one pass per row.
 FIRST_LAYER_BY_ADDMM = {"first_layer_norm_tanh": _first_layer_norm_tanh_by_addmm}
 
-# The backward's input gradients (``policies.matmul``) by one ATen matmul (MKL's threads), not in row blocks.
+# The backward's input gradients (``fast_layers.matmul``) by one ATen matmul (MKL's threads), not in
+# row blocks.
 UNBLOCKED_INPUT_GRADIENTS = {"matmul": th.mm}
 
 
@@ -359,7 +360,7 @@ def _row_blocked_mm(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
 
 
 class _RowBlockedMatmul(th.autograd.Function):
-    """``policies._Matmul`` with the forward and the input gradient in 512-row blocks."""
+    """``fast_layers._Matmul`` with the forward and the input gradient in 512-row blocks."""
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor, weight_t: th.Tensor) -> th.Tensor:
@@ -368,14 +369,14 @@ class _RowBlockedMatmul(th.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> tuple[th.Tensor | None, th.Tensor | None]:
-        return policies._matmul_backward(ctx.needs_input_grad, grad, *ctx.saved_tensors)
+        return fast_layers._matmul_backward(ctx.needs_input_grad, grad, *ctx.saved_tensors)
 
 
-_MATMUL = policies.matmul
+_MATMUL = fast_layers.matmul
 
 
 def _row_blocked_matmul(x: th.Tensor, weight: th.Tensor) -> th.Tensor:
-    if policies._compiling_for_cpu(x) and x.shape[0] >= 1024:
+    if fast_layers.compiling_for_cpu(x) and x.shape[0] >= 1024:
         return _row_blocked_mm(x, weight)
     return _MATMUL(x, weight)
 
@@ -427,7 +428,7 @@ EQUAL_THREAD_SHARES = {"cpu_kernels": _KernelsWithEqualThreadShares()}
 COMPILE_OPTIONS = policies.compile_options(th.device("cpu"))
 
 # (name, torch_compile, Inductor options replacing TDMPCPolicy.compiled's own (None: its own),
-#  attributes of ``policies`` replaced while tracing and running)
+#  attributes of ``policies`` and ``fast_layers`` replaced while tracing and running)
 COMPILE_SETTINGS = [
     ("eager", False, None, {}),
     ("eager, no fused CPU kernels", False, None, NO_CPU_KERNELS),
@@ -465,20 +466,29 @@ COMPILE_SETTINGS = [
 ]
 
 
+PATCHED_MODULES = (policies, fast_layers)  # the hot paths' functions look each other up in these
+
+
 @contextlib.contextmanager
 def patched(attributes: dict[str, Any]) -> Any:
     """
-    ``policies`` with ``attributes`` replaced, while tracing and running: torch.compile guards on
-    them, and each replacement is one function object, so its guard holds from call to call.
+    ``policies`` and ``fast_layers`` with ``attributes`` replaced wherever they hold them (a function
+    imported into ``policies`` is replaced in both), while tracing and running: torch.compile guards
+    on them, and each replacement is one function object, so its guard holds from call to call.
     """
-    originals = {name: getattr(policies, name) for name in attributes}
+    originals = []
     for name, value in attributes.items():
-        setattr(policies, name, value)
+        holders = [module for module in PATCHED_MODULES if hasattr(module, name)]
+        if not holders:
+            raise AttributeError(f"no patched module has {name!r}")
+        for module in holders:
+            originals.append((module, name, getattr(module, name)))
+            setattr(module, name, value)
     try:
         yield
     finally:
-        for name, value in originals.items():
-            setattr(policies, name, value)
+        for module, name, value in reversed(originals):
+            setattr(module, name, value)
 
 
 def compiled_model(torch_compile: bool, options: dict[str, Any] | None) -> Any:
@@ -650,7 +660,7 @@ def first_layer_weight_gradients(rounds: int) -> None:
     """
     The update's first layers' weight gradients as ``grad^T x`` (``[out, in]``: the nn.Linear weight's
     own layout) and as ``x^T grad`` (``[in, out]``, the narrow side as rows) then copied into that layout
-    (``policies._weight_gradient``), in turn with the floor's matmul, round after round (see 9.).
+    (``fast_layers._weight_gradient``), in turn with the floor's matmul, round after round (see 9.).
     """
     m, k, n = speed.MATMUL_SHAPE
     floor_a, floor_b = th.randn(m, k), th.randn(k, n)
@@ -689,7 +699,7 @@ class _GemmClock:
     """
     The time and FLOPs of every matmul that a compiled plan or update runs, as Inductor's Python
     wrapper calls them (``extern_kernels``; ``cpp_wrapper=False``) and inside the policy prior step's
-    Q backward op (``policies.frozen_q_member_backward``), split into full-width ones (every
+    Q backward op (``fast_layers.frozen_q_member_backward``), split into full-width ones (every
     dimension >= 512) and narrow ones (the 39-, 50-, 54- and 4-wide layers, the 25 policy
     trajectories, the one-row weight gradients).
     """
@@ -705,13 +715,13 @@ class _GemmClock:
         self.flop = {"full": 0.0, "narrow": 0.0}
         for name, fn in self.originals.items():
             setattr(self.kernels, name, self._timed(fn))
-        policies._frozen_q_member_backward_op.register_kernel("cpu", self._frozen_q_member_backward)
+        fast_layers._frozen_q_member_backward_op.register_kernel("cpu", self._frozen_q_member_backward)
 
     def _frozen_q_member_backward(self, *args: th.Tensor) -> th.Tensor:
         mm = th.mm
         th.mm = self._timed(mm)  # the op's own matmuls (ATen's, called from Python)
         try:
-            return policies.frozen_q_member_backward(*args)
+            return fast_layers.frozen_q_member_backward(*args)
         finally:
             th.mm = mm
 
@@ -739,7 +749,7 @@ class _GemmClock:
     def close(self) -> None:
         for name, fn in self.originals.items():
             setattr(self.kernels, name, fn)
-        policies._frozen_q_member_backward_op.register_kernel("cpu", policies.frozen_q_member_backward)
+        fast_layers._frozen_q_member_backward_op.register_kernel("cpu", fast_layers.frozen_q_member_backward)
 
 
 def gemm_accounting(rounds: int) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from sb3_tdmpc import TDMPC
-from sb3_tdmpc.common import cpu_kernels
+from sb3_tdmpc.common import cpu_kernels, fast_layers
 from sb3_tdmpc.common.buffers import SequenceSamples
 from sb3_tdmpc.tdmpc import policies
 from sb3_tdmpc.tdmpc.policies import QEnsemble, TDMPCPolicy, WorldModel
@@ -242,7 +242,7 @@ def close(a: th.Tensor, b: th.Tensor, atol: float = ATOL, rtol: float = 1e-4) ->
 def cpu_kernel_path(request, monkeypatch):
     """Linear-ELU layers and Q's LayerNorm-tanh by the fused CPU kernels (where they build) or PyTorch ops."""
     if request.param == "pytorch ops":
-        monkeypatch.setattr(policies, "cpu_kernels_apply", lambda x: False)
+        monkeypatch.setattr(fast_layers, "cpu_kernels_apply", lambda x: False)
     elif not cpu_kernels.load():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
     return request.param
@@ -488,13 +488,13 @@ def test_chain_kernels_reject_mismatched_shapes():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
     model = make_policy().model
     weight_t, bias = model._fused_first_layer()
-    d, r = policies.transposed_layers(model.dynamics, 2), policies.transposed_layers(model.reward, 2)
+    d, r = fast_layers.transposed_layers(model.dynamics, 2), fast_layers.transposed_layers(model.reward, 2)
     z_part, actions, w_z = th.zeros(1, 64), th.zeros(2, 5, 3), weight_t[:8]
     with pytest.raises(RuntimeError, match="first layer's shapes do not match"):
         cpu_kernels.rollout_return(z_part, actions, w_z, weight_t[8:10], bias, d, r, 0.99)
     with pytest.raises(RuntimeError, match="d must end in the latent"):
         cpu_kernels.rollout_return(z_part, actions, w_z, weight_t[8:], bias, r, r, 0.99)
-    pi = policies.transposed_layers(model.pi_net)
+    pi = fast_layers.transposed_layers(model.pi_net)
     q = list(model.q.weights), list(model.q.biases), model.q.norm_weight, model.q.norm_bias
     with pytest.raises(RuntimeError, match="action_noise's shape does not match"):
         cpu_kernels.min_q_of_policy(th.zeros(4, 8), pi, th.zeros(4, 2), *q)
@@ -581,13 +581,11 @@ def test_frozen_q_backward_matches_autograd_over_the_rows_min_q_reaches():
 
 def test_policy_prior_step_skips_the_q_rows_min_q_does_not_reach(monkeypatch):
     """Fewer FLOPs than the Q backward over all rows, and the same policy gradient."""
-    from sb3_tdmpc.tdmpc import policies
-
     latents, masks = th.randn(4, 16, 8), make_batch().masks
     counts, gradients_per_run = [], []
     for all_rows in (False, True):
         if all_rows:
-            monkeypatch.setattr(policies, "reached_rows", lambda grad: th.arange(len(grad)))
+            monkeypatch.setattr(fast_layers, "reached_rows", lambda grad: th.arange(len(grad)))
         algo = make_algo()
         grads = capture_gradients(algo.policy.pi_optimizer)
         th.manual_seed(7)
@@ -610,7 +608,7 @@ def test_weight_gradient_is_x_t_grad_in_the_weights_layout(n_in, n_out, column_m
     th.manual_seed(0)
     x, grad = th.randn(300, n_in), th.randn(300, n_out)
     weight_t = th.randn(n_out, n_in).t() if column_major else th.randn(n_in, n_out)
-    result = policies._weight_gradient(grad, x, weight_t)
+    result = fast_layers._weight_gradient(grad, x, weight_t)
     assert result.stride() == weight_t.stride()
     assert close(result, x.double().t().mm(grad.double()).float(), atol=1e-4)  # sums of 300 products
 
@@ -620,7 +618,7 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
     """The fused CPU kernels: F.elu(F.linear) values, gradients (weights' in their own layout), FLOPs."""
     monkeypatch.setattr(cpu_kernels, "_loaded", None)  # built or loaded inside a FLOP counter
     with FlopCounterMode(display=False) as flops:
-        policies.affine_elu(th.zeros(rows, 24), th.zeros(24, 40), th.zeros(40))
+        fast_layers.affine_elu(th.zeros(rows, 24), th.zeros(24, 40), th.zeros(40))
     assert flops.get_total_flops() == 2 * rows * 24 * 40
     if not cpu_kernels.load():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
@@ -634,7 +632,7 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
         (w_in_out, w_in_out, linear.bias),
     ]:
         with FlopCounterMode(display=False) as flops:
-            fused = policies.affine_elu(x, weight_t, bias)
+            fused = fast_layers.affine_elu(x, weight_t, bias)
         assert flops.get_flop_counts()["Global"] == {th.ops.sb3_tdmpc_cpu.linear_elu: 2 * rows * 24 * 40}
         expected = F.elu(x @ weight_t + bias)
         assert close(fused, expected)
@@ -650,11 +648,11 @@ def test_fused_linear_elu_kernel_matches_pytorch(rows, monkeypatch):
         assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
         assert got[1].stride() == weight.stride()  # AccumulateGrad would copy any other layout
         with th.no_grad():
-            assert close(policies.affine_elu(x, weight_t, bias), expected)
+            assert close(fast_layers.affine_elu(x, weight_t, bias), expected)
             # ELU(NaN) = NaN, ELU(inf) = inf, ELU(-inf) = -1, in the vectorised part and in the tail
             nan, inf = float("nan"), float("inf")
             special = th.tensor([nan] * 8 + [inf] * 8 + [-inf] * 8 + [0.0] * 16 + [nan, inf, -inf])
-            got = policies.affine_elu(th.zeros(2, 24), th.zeros(24, 43), special)
+            got = fast_layers.affine_elu(th.zeros(2, 24), th.zeros(24, 43), special)
             assert th.equal(got.isnan(), special.isnan().expand(2, -1))
             assert th.equal(got.nan_to_num(0.0), F.elu(special).nan_to_num(0.0).expand(2, -1))
 
@@ -685,7 +683,7 @@ def test_fused_linear_elu_is_within_1e_7_of_elu():
     if not cpu_kernels.load():
         pytest.skip("the fused CPU kernels could not be built here (no C++ compiler or ninja)")
     values = th.linspace(-90.0, 10.0, 200_003)  # as the bias: ELU(0 @ W + b) = ELU(b)
-    got = policies.affine_elu(th.zeros(1, 8), th.zeros(8, len(values)), values)[0]
+    got = fast_layers.affine_elu(th.zeros(1, 8), th.zeros(8, len(values)), values)[0]
     assert (got.double() - F.elu(values.double())).abs().max() <= 1e-7
 
 
@@ -704,7 +702,7 @@ def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     h = wide[:, 2:42].requires_grad_(True)  # rows 45 floats apart; 40 columns: a vectorised part and a tail
     weight = (th.randn(40, generator=gen) + 1).requires_grad_(True)
     bias = th.randn(40, generator=gen).requires_grad_(True)
-    fused = policies.layer_norm_tanh(h, weight, bias)
+    fused = fast_layers.layer_norm_tanh(h, weight, bias)
     assert type(fused.grad_fn).__name__ == "_LayerNormTanhBackward"  # the kernel's path, not PyTorch ops
     expected = th.tanh(F.layer_norm(h, (40,), weight, bias))
     assert close(fused, expected)
@@ -713,7 +711,7 @@ def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
     want = gradients((expected * upstream).sum(), [h, weight, bias])
     assert all(close(g, w, atol=1e-4) for g, w in zip(got, want, strict=True))
     upstream[0, 7] = float("nan")
-    loss = (policies.layer_norm_tanh(h, weight, bias) * upstream).sum()
+    loss = (fast_layers.layer_norm_tanh(h, weight, bias) * upstream).sum()
     grad_h, grad_weight, _ = gradients(loss, [h, weight, bias])
     assert grad_h[0].isnan().all() and grad_h[1:].isfinite().all() and grad_weight.isnan().any()
     with th.no_grad():
@@ -721,20 +719,20 @@ def test_fused_layer_norm_tanh_kernel_matches_pytorch(rows):
         product, b1 = th.randn(rows, 40, generator=gen), th.randn(40, generator=gen)
         action, w_a = th.randn(rows, 4, generator=gen), th.randn(4, 40, generator=gen)
         first = product + b1 + action @ w_a
-        h1, out, mean, rstd = policies.first_layer_norm_tanh(product, b1, action, w_a, weight, bias)
+        h1, out, mean, rstd = fast_layers.first_layer_norm_tanh(product, b1, action, w_a, weight, bias)
         assert h1.data_ptr() == product.data_ptr() and close(h1, first)
         _, ref_mean, ref_rstd = th.native_layer_norm(first, [40], weight, bias, 1e-5)
         assert close(out, th.tanh(F.layer_norm(first, (40,), weight, bias)))
         assert close(mean, ref_mean) and close(rstd, ref_rstd)
         with FlopCounterMode(display=False) as flops:  # the rank-4 update, as the addmm it replaces
-            policies.first_layer_norm_tanh(product, b1, action, w_a, weight, bias)
+            fast_layers.first_layer_norm_tanh(product, b1, action, w_a, weight, bias)
         assert flops.get_total_flops() == 2 * rows * 4 * 40
         fresh = h.detach().clone()
-        in_place = policies.layer_norm_tanh(fresh, weight, bias)
+        in_place = fast_layers.layer_norm_tanh(fresh, weight, bias)
         assert in_place.data_ptr() == fresh.data_ptr() and close(in_place, expected)
         special = th.zeros(4, 40)
         special[0, 3], special[1, 38], special[2, 5] = float("nan"), float("inf"), -float("inf")
-        got = policies.layer_norm_tanh(special, weight, bias)
+        got = fast_layers.layer_norm_tanh(special, weight, bias)
         assert got[:3].isnan().all() and got[3].isfinite().all()
 
 
@@ -745,7 +743,7 @@ def test_fused_layer_norm_tanh_is_within_six_ulp_of_tanh():
     tiny = th.logspace(-30, 1, 10_001)
     values = th.cat([th.linspace(-12.0, 12.0, 1_000_001), tiny, -tiny])
     with th.no_grad():  # a row of zeros normalises to 0: tanh(0 * weight + bias) = tanh(bias)
-        got = policies.layer_norm_tanh(th.zeros(1, len(values)), th.zeros(len(values)), values)[0].double()
+        got = fast_layers.layer_norm_tanh(th.zeros(1, len(values)), th.zeros(len(values)), values)[0].double()
     want = th.tanh(values.double())
     magnitude = want.float().abs()
     ulp = (th.nextafter(magnitude, th.tensor(float("inf"))) - magnitude).double()
@@ -765,10 +763,10 @@ def test_cpu_kernels_fall_back_to_pytorch_ops_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="could not build its fused CPU kernels"):
         assert not cpu_kernels.load()
     x, weight_t, bias = th.randn(5, 4), th.randn(4, 3), th.randn(3)
-    assert close(policies.affine_elu(x, weight_t, bias), F.elu(x @ weight_t + bias))
+    assert close(fast_layers.affine_elu(x, weight_t, bias), F.elu(x @ weight_t + bias))
     h, weight = th.randn(5, 4), th.randn(4)
     expected = th.tanh(F.layer_norm(h, (4,), weight, bias[:1].expand(4)))
-    assert close(policies.layer_norm_tanh(h.clone(), weight, bias[:1].expand(4)), expected)
+    assert close(fast_layers.layer_norm_tanh(h.clone(), weight, bias[:1].expand(4)), expected)
 
 
 # The kernel tests above, by name: what a build for another instruction set must pass too.
@@ -828,7 +826,7 @@ def test_compiled_layers_match_plain_ones_on_large_batches():
     """The compiled CPU layers over many rows (bias in the fused kernel, narrow inputs as fused terms,
     polynomial exp, ELU backward from its output, one-output layers as reductions, weight gradients
     in the weight's own layout): F.linear/F.elu values and gradients."""
-    from sb3_tdmpc.tdmpc.policies import add_narrow_matmul, affine, elu_
+    from sb3_tdmpc.common.fast_layers import add_narrow_matmul, affine, elu_
 
     gen = th.Generator().manual_seed(0)
     x = th.randn(1100, 24, generator=gen).requires_grad_(True)  # over 1024 rows: the update's layers
@@ -858,7 +856,8 @@ def test_compiled_layers_match_plain_ones_on_large_batches():
 
 @pytest.mark.slow
 def test_compiled_tanh_is_within_six_ulp_of_tanh():
-    from sb3_tdmpc.tdmpc.policies import _rational_tanh, compile_options
+    from sb3_tdmpc.common.fast_layers import _rational_tanh
+    from sb3_tdmpc.tdmpc.policies import compile_options
 
     tiny = th.logspace(-30, 1, 10_001)
     x = th.cat([th.linspace(-12.0, 12.0, 1_000_001), tiny, -tiny])
@@ -873,7 +872,7 @@ def test_compiled_tanh_is_within_six_ulp_of_tanh():
 
 @pytest.mark.slow
 def test_compiled_exp_is_within_two_ulp_of_exp():
-    from sb3_tdmpc.tdmpc.policies import _exp
+    from sb3_tdmpc.common.fast_layers import _exp
 
     x = th.linspace(-87.0, 0.0, 1_000_001)
     got, want = th.compile(_exp, dynamic=False)(x).double(), th.exp(x.double())

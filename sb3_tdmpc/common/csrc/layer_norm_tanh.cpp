@@ -1,7 +1,7 @@
 // tanh(LayerNorm(x)) over the last dimension on CPU, one row at a time while the row is in L1: the
 // statistics (two passes: the mean, then the variance around it), then the affine map and tanh in one
 // vectorised pass. ATen's layer_norm, then its tanh (or 2 sigmoid(2x) - 1), take four passes over
-// memory. tanh is the rational approximation of the compiled path (policies._rational_tanh, Eigen's),
+// memory. tanh is the rational approximation of the compiled path (fast_layers._rational_tanh, Eigen's),
 // within a few ulp; the statistics are ATen's (biased variance, rstd = 1 / sqrt(var + eps)), which the
 // backward (ATen's native_layer_norm_backward) reads. A NaN or an infinity in a row makes that row NaN,
 // as ATen's. docs/performance.md measures it; tests/test_equivalence.py checks it.

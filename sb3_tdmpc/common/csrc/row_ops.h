@@ -14,7 +14,7 @@
 namespace sb3_tdmpc {
 
 // exp(x) for x in [-87, 0]: Cody-Waite range reduction and Cephes' polynomial, as the compiled path's
-// (policies._exp). ELU = exp(x) - 1 is then within 1e-7 of the exact value (tested).
+// (fast_layers._exp). ELU = exp(x) - 1 is then within 1e-7 of the exact value (tested).
 constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
 constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f,
                 kP3 = 4.1665795894e-2f, kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
