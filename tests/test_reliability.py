@@ -355,6 +355,8 @@ def test_invalid_settings_are_refused():
         TDMPC("Pendulum-v1", **{**TINY, "policy_kwargs": {**TINY_POLICY, "latent_dim": 0}})
     with pytest.raises(ValueError, match="target_update_interval must be >= 1"):
         TDMPC("Pendulum-v1", **TINY, target_update_interval=0)
+    with pytest.raises(ValueError, match="buffer_size must be >= 1"):
+        TDMPC("Pendulum-v1", **{**TINY, "buffer_size": 0})  # SB3 would make it 1
     model = TDMPC("Pendulum-v1", **{**TINY, "horizon": 10, "buffer_size": 10})  # fine to act with
     with pytest.raises(ValueError, match="holds 10 steps per env, too few for sequences of horizon 10"):
         model.learn(100)

@@ -167,6 +167,22 @@ def test_predict_refuses_non_finite_observations():
         model.predict(np.array([0.0, np.nan, 0.0]))
 
 
+def test_predict_refuses_a_state_it_did_not_return():
+    model = TDMPC("MlpPolicy", "Pendulum-v1", **TINY)
+    obs = np.zeros((2, 3), dtype=np.float32)
+    _, (plan_means,) = model.predict(obs)
+    assert plan_means.shape[0] == 2 and plan_means.shape[2] == 1
+    bad_states = [
+        ((plan_means[:1],), "state holds 1 environments, observation 2"),
+        ((plan_means[..., 0],), r"\[n_envs, horizon, 1\]; got an array of shape \(2, \d+\)"),
+        ((np.full_like(plan_means, np.nan),), "Non-finite plan means"),
+    ]
+    for state, message in bad_states:
+        with pytest.raises(ValueError, match=message):
+            model.predict(obs, state=state)
+    model.predict(obs, state=(plan_means,))  # the state it returned
+
+
 def filled_model(**kwargs):
     model = TDMPC("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, **kwargs})
     model.learn(300)

@@ -767,8 +767,15 @@ class TDMPCPolicy(BasePolicy):
         warm_start = None
         if state is not None:
             plan_means = np.array(state[0], dtype=np.float32, copy=True)
+            if plan_means.ndim != 3 or plan_means.shape[2] != self.action_dim:
+                raise ValueError(
+                    "state must be (plan_means,) as predict returned it, "
+                    f"[n_envs, horizon, {self.action_dim}]; got an array of shape {plan_means.shape}"
+                )
             if len(plan_means) != len(obs_tensor):
                 raise ValueError(f"state holds {len(plan_means)} environments, observation {len(obs_tensor)}")
+            if not np.isfinite(plan_means).all():  # a NaN warm start would make every sample NaN
+                raise ValueError("Non-finite plan means in predict's state")
             if episode_start is not None:
                 plan_means[np.asarray(episode_start, dtype=bool).reshape(-1)] = 0.0
             warm_start = th.as_tensor(plan_means, device=self.device)

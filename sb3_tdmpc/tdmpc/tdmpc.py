@@ -227,6 +227,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         for name, value, valid, requirement in (
             ("horizon", horizon, isinstance(horizon, (int, np.integer)) and horizon >= 1, "an integer >= 1"),
             ("batch_size", batch_size, batch_size >= 1, ">= 1"),
+            ("buffer_size", buffer_size, buffer_size >= 1, ">= 1 (and learn() more than horizon per env)"),
             ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
             ("tau", tau, 0 < tau <= 1, "in (0, 1]"),
             ("rho", rho, 0 < rho <= 1, "in (0, 1]"),
