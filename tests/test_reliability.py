@@ -622,6 +622,39 @@ def test_a_non_finite_loss_stops_training_even_where_its_gradient_is_finite():
         TDMPC("MlpPolicy", env, seed=0, **TINY).learn(100)
 
 
+def test_losses_over_the_clamp_are_logged_and_warned_about_once():
+    # Rewards of 1e3: (R - r)^2 ~ 1e6 is over TD-MPC's 1e4 clamp, so those sequences give no gradient.
+    env = make_vec_env(lambda: gym.wrappers.TransformReward(gym.make("Pendulum-v1"), lambda r: 1e3), seed=0)
+    model = TDMPC("MlpPolicy", env, seed=0, **TINY)
+    logged = []
+    clamp_warning = r"100\.0% of the sequences had a loss term over TD-MPC.s clamp"
+    with pytest.warns(UserWarning, match=clamp_warning) as caught:
+        model.learn(120, callback=LoggedFractions(logged))
+    assert sum("clamp" in str(w.message) for w in caught) == 1  # once per model
+    assert logged and all(fraction == 1.0 for fraction in logged)
+
+    quiet = TDMPC("Pendulum-v1", seed=0, **TINY)
+    quiet_logged = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*TD-MPC's clamp")
+        quiet.learn(120, callback=LoggedFractions(quiet_logged))
+    assert quiet_logged and all(fraction == 0.0 for fraction in quiet_logged)
+
+
+class LoggedFractions(BaseCallback):
+    """Collects train/clamped_fraction each time the logger holds it."""
+
+    def __init__(self, fractions: list[float]):
+        super().__init__()
+        self.fractions = fractions
+
+    def _on_step(self) -> bool:
+        value = self.model.logger.name_to_value.get("train/clamped_fraction")
+        if value is not None:
+            self.fractions.append(value)
+        return True
+
+
 def test_a_learning_rate_schedule_that_turns_non_finite_stops_before_the_update():
     model = TDMPC(
         "Pendulum-v1", seed=0, **TINY, learning_rate=lambda progress: 1e-3 if progress > 0.5 else np.nan

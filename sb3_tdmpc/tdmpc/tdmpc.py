@@ -40,6 +40,10 @@ from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy, min_q_of
 SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
 
 
+# TD-MPC clamps each sequence's loss terms (and its priority) here: a term above it gives no gradient.
+LOSS_CLAMP = 1e4
+
+
 def _same_row(a: np.ndarray, b: np.ndarray, index: int) -> bool:
     """
     Whether environment ``index`` has bitwise the same observation in the batches ``a`` and ``b``
@@ -297,6 +301,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         self.num_nonfinite_transitions = 0
         # Updates wait until the replay buffer holds this many transitions (a resume without the buffer).
         self._refill_until = 0
+        self._warned_loss_clamp = False
         # The env's Dict observation space where TDMPC flattens it (see _wrap_env), for predict().
         self.dict_observation_space: spaces.Dict | None = None
 
@@ -417,8 +422,22 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 stats.setdefault(key, []).append(value)
         seconds_per_update = (time.perf_counter() - start) / max(gradient_steps, 1)
 
-        for key, values in stats.items():
-            self.logger.record(f"train/{key}", th.stack(values).mean().item())
+        means = {}
+        if stats:  # one host read for all
+            per_key = th.stack([th.stack(values).mean() for values in stats.values()]).tolist()
+            means = dict(zip(stats, per_key, strict=True))
+        for key, value in means.items():
+            self.logger.record(f"train/{key}", value)
+        if means.get("clamped_fraction", 0.0) > 0 and not self._warned_loss_clamp:
+            self._warned_loss_clamp = True
+            warnings.warn(
+                f"In the updates up to {self._n_updates} (step {self.num_timesteps}), "
+                f"{means['clamped_fraction']:.1%} of the sequences had a loss term over TD-MPC's clamp of "
+                f"{LOSS_CLAMP:g}, which gives them no gradient (logged as train/clamped_fraction). The "
+                "rewards or observations are probably on a large scale: scale them, e.g. with "
+                "VecNormalize. This warning is given once per model.",
+                stacklevel=2,
+            )
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/planner_std", self.policy.std_floor)
         self.logger.record("train/horizon", self.policy.planning_horizon)
@@ -447,6 +466,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         policy.optimizer.step()
         self.replay_buffer.update_priorities(data.indices, priorities)
 
+        # The sequences with a term over the clamp, which therefore taught nothing.
+        clamped = (th.cat([*losses.values()], dim=-1).detach() > LOSS_CLAMP).any(dim=-1)
         stats = {
             "consistency_loss": consistency_loss.detach().mean(),
             "reward_loss": reward_loss.detach().mean(),
@@ -454,6 +475,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             "loss": loss.detach(),
             "td_error": td_error,
             "grad_norm": grad_norm.detach(),
+            "clamped_fraction": clamped.float().mean(),
         }
         return stats, z_rollout
 
@@ -504,16 +526,16 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         value_loss = (rho_t * td_error.pow(2).sum(0)).sum(0)
 
         total_loss = (
-            self.consistency_coef * consistency_loss.clamp(max=1e4)
-            + self.reward_coef * reward_loss.clamp(max=1e4)
-            + self.value_coef * value_loss.clamp(max=1e4)
+            self.consistency_coef * consistency_loss.clamp(max=LOSS_CLAMP)
+            + self.reward_coef * reward_loss.clamp(max=LOSS_CLAMP)
+            + self.value_coef * value_loss.clamp(max=LOSS_CLAMP)
         ).squeeze(-1)
         # TD-MPC scales the gradient by 1/H.
         loss = (total_loss * weights).mean() / horizon
 
         with th.no_grad():
             td_abs = td_error.abs()
-            priorities = (rho_t * td_abs.sum(0)).sum(0).clamp(max=1e4).squeeze(-1)
+            priorities = (rho_t * td_abs.sum(0)).sum(0).clamp(max=LOSS_CLAMP).squeeze(-1)
             td_error_mean = (td_abs.mean(0) * masks).sum() / masks.sum().clamp(min=1)
         terms = (consistency_loss, reward_loss, value_loss)
         return loss, terms, priorities, td_error_mean, z_rollout.detach()
@@ -594,7 +616,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             raise
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_refill_until"]  # learn() sets it for the run it starts
+        # learn() sets the refill for the run it starts; a loaded model may warn again
+        return [*super()._excluded_save_params(), "_refill_until", "_warned_loss_clamp"]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return list(TDMPC_STATE_DICTS), []
