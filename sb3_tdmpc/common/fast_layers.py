@@ -17,6 +17,7 @@ take (compiled paths, a failed build).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch as th
@@ -24,6 +25,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from sb3_tdmpc.common import cpu_kernels
+
+_Activation = Callable[[th.Tensor], th.Tensor]
+
+
+def _activation_forward(ctx: Any, x: th.Tensor, traced: _Activation, in_place: _Activation) -> th.Tensor:
+    """
+    The forward of an activation whose backward reads its output: eager, ``in_place`` over ``x`` (a
+    fresh intermediate); while compiling, ``traced`` functionally. Saves the output for the backward.
+    """
+    if th.compiler.is_compiling():
+        out = traced(x)
+    else:
+        ctx.mark_dirty(x)
+        out = in_place(x)
+    ctx.save_for_backward(out)
+    return out
 
 
 class _ELU(th.autograd.Function):
@@ -34,13 +51,7 @@ class _ELU(th.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        if th.compiler.is_compiling():
-            out = _traced_elu(x)
-        else:
-            ctx.mark_dirty(x)
-            out = _elu_inplace(x)
-        ctx.save_for_backward(out)
-        return out
+        return _activation_forward(ctx, x, traced=_traced_elu, in_place=_elu_inplace)
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
@@ -69,13 +80,7 @@ class _Tanh(th.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: th.Tensor) -> th.Tensor:
-        if th.compiler.is_compiling():
-            out = _rational_tanh(x)
-        else:
-            ctx.mark_dirty(x)
-            out = _sigmoid_tanh_(x)
-        ctx.save_for_backward(out)
-        return out
+        return _activation_forward(ctx, x, traced=_rational_tanh, in_place=_sigmoid_tanh_)
 
     @staticmethod
     def backward(ctx: Any, grad: th.Tensor) -> th.Tensor:
@@ -395,14 +400,30 @@ def linear(x: th.Tensor, weight: th.Tensor, bias: th.Tensor | None) -> th.Tensor
     return affine(x, weight.t(), bias)
 
 
-def elu_(x: th.Tensor) -> th.Tensor:
-    """ELU (alpha 1) of a fresh intermediate ``x`` (the output of a linear layer), which it overwrites."""
+def _activation(
+    x: th.Tensor,
+    native: _Activation,
+    function: type[th.autograd.Function],
+    traced: _Activation,
+    in_place: _Activation,
+) -> th.Tensor:
+    """
+    An activation of a fresh intermediate ``x``: off CPU ``native`` (fused there already); with a
+    gradient ``function`` (its backward reads the output); compiling, ``traced``; else ``in_place``.
+    """
     if x.device.type != "cpu":
-        return F.elu(x)
+        return native(x)
     if x.requires_grad and th.is_grad_enabled():
-        return _ELU.apply(x)
-    # compiling, traced functionally: torch.compile fuses it into one kernel
-    return _traced_elu(x) if th.compiler.is_compiling() else _elu_inplace(x)
+        return function.apply(x)
+    return traced(x) if th.compiler.is_compiling() else in_place(x)
+
+
+def elu_(x: th.Tensor) -> th.Tensor:
+    """
+    ELU (alpha 1) of a fresh intermediate ``x`` (the output of a linear layer), which it overwrites;
+    compiling, traced functionally, which torch.compile fuses into one kernel.
+    """
+    return _activation(x, F.elu, _ELU, traced=_traced_elu, in_place=_elu_inplace)
 
 
 def cpu_kernels_apply(x: th.Tensor) -> bool:
@@ -436,13 +457,11 @@ def affine_elu(x: th.Tensor, weight_t: th.Tensor, bias: th.Tensor) -> th.Tensor:
 
 
 def tanh_(x: th.Tensor) -> th.Tensor:
-    """tanh of a fresh intermediate ``x``, which it overwrites."""
-    if x.device.type != "cpu":
-        return th.tanh(x)
-    if x.requires_grad and th.is_grad_enabled():
-        return _Tanh.apply(x)
-    # compiling, rational: Inductor's tanh and sigmoid (Sleef's exp) cost more than Q's LayerNorm
-    return _rational_tanh(x) if th.compiler.is_compiling() else _sigmoid_tanh_(x)
+    """
+    tanh of a fresh intermediate ``x``, which it overwrites; compiling, rational (Inductor's tanh and
+    sigmoid, Sleef's exp, cost more than Q's LayerNorm).
+    """
+    return _activation(x, th.tanh, _Tanh, traced=_rational_tanh, in_place=_sigmoid_tanh_)
 
 
 class _LayerNormTanh(th.autograd.Function):
