@@ -623,7 +623,7 @@ def test_a_non_finite_loss_stops_training_even_where_its_gradient_is_finite():
 
 
 def test_losses_over_the_clamp_are_logged_and_warned_about_once():
-    # Rewards of 1e3: (R - r)^2 ~ 1e6 is over TD-MPC's 1e4 clamp, so those sequences give no gradient.
+    # Rewards of 1e3: (R - r)^2 ~ 1e6 is over TD-MPC's 1e4 clamp, so the reward term gives no gradient.
     env = make_vec_env(lambda: gym.wrappers.TransformReward(gym.make("Pendulum-v1"), lambda r: 1e3), seed=0)
     model = TDMPC("MlpPolicy", env, seed=0, **TINY)
     logged = []

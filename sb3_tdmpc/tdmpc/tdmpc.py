@@ -231,7 +231,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         for name, value, valid, requirement in (
             ("horizon", horizon, isinstance(horizon, (int, np.integer)) and horizon >= 1, "an integer >= 1"),
             ("batch_size", batch_size, batch_size >= 1, ">= 1"),
-            ("buffer_size", buffer_size, buffer_size >= 1, ">= 1 (and learn() more than horizon per env)"),
+            ("buffer_size", buffer_size, buffer_size >= 1, ">= 1"),
             ("gamma", gamma, 0 <= gamma <= 1, "in [0, 1]"),
             ("tau", tau, 0 < tau <= 1, "in (0, 1]"),
             ("rho", rho, 0 < rho <= 1, "in (0, 1]"),
@@ -433,7 +433,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             warnings.warn(
                 f"In the updates up to {self._n_updates} (step {self.num_timesteps}), "
                 f"{means['clamped_fraction']:.1%} of the sequences had a loss term over TD-MPC's clamp of "
-                f"{LOSS_CLAMP:g}, which gives them no gradient (logged as train/clamped_fraction). The "
+                f"{LOSS_CLAMP:g}, which gives that term no gradient (logged as train/clamped_fraction). The "
                 "rewards or observations are probably on a large scale: scale them, e.g. with "
                 "VecNormalize. This warning is given once per model.",
                 stacklevel=2,
@@ -466,7 +466,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         policy.optimizer.step()
         self.replay_buffer.update_priorities(data.indices, priorities)
 
-        # The sequences with a term over the clamp, which therefore taught nothing.
+        # The sequences with a loss term over the clamp: that term gave them no gradient.
         clamped = (th.cat([*losses.values()], dim=-1).detach() > LOSS_CLAMP).any(dim=-1)
         stats = {
             "consistency_loss": consistency_loss.detach().mean(),
