@@ -641,6 +641,23 @@ def test_losses_over_the_clamp_are_logged_and_warned_about_once():
     assert quiet_logged and all(fraction == 0.0 for fraction in quiet_logged)
 
 
+@pytest.mark.parametrize(("fraction", "warns"), [(0.3, False), (0.7, True)])
+def test_the_clamp_warning_needs_most_sequences_over_it(trained, monkeypatch, fraction, warns):
+    update_world_model = trained._update_world_model
+
+    def with_fraction(data):
+        stats, latents = update_world_model(data)
+        return {**stats, "clamped_fraction": th.tensor(fraction)}, latents
+
+    monkeypatch.setattr(trained, "_update_world_model", with_fraction)
+    trained._warned_loss_clamp = False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trained.train(gradient_steps=1, batch_size=16)
+    assert any("TD-MPC's clamp" in str(w.message) for w in caught) == warns
+    assert trained.logger.name_to_value["train/clamped_fraction"] == pytest.approx(fraction)
+
+
 class LoggedFractions(BaseCallback):
     """Collects train/clamped_fraction each time the logger holds it."""
 
