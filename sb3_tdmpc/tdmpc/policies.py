@@ -50,6 +50,13 @@ def mlp(in_dim: int, hidden_dims: list[int], out_dim: int) -> nn.Sequential:
     return nn.Sequential(*create_mlp(in_dim, out_dim, hidden_dims, nn.ELU))
 
 
+def check_settings(*checks: tuple[str, Any, bool, str]) -> None:
+    """Raise a ValueError for the first ``(name, value, valid, requirement)`` that is not valid."""
+    for name, value, valid, requirement in checks:
+        if not valid:
+            raise ValueError(f"{name} must be {requirement}, got {value}")
+
+
 class PixelEncoder(nn.Module):
     """
     TD-MPC's pixel encoder: ``x / 255``, 4 conv layers (``num_channels`` channels, kernels 7/5/3/3,
@@ -496,7 +503,7 @@ class TDMPCPolicy(BasePolicy):
         self.check_observation_space(observation_space)
         if num_elites > num_samples:
             raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
-        for name, value, valid, requirement in (
+        check_settings(
             ("latent_dim", latent_dim, latent_dim >= 1, ">= 1"),
             ("mlp_dim", mlp_dim, mlp_dim >= 1, ">= 1"),
             ("enc_dim", enc_dim, enc_dim >= 1, ">= 1"),
@@ -507,9 +514,7 @@ class TDMPCPolicy(BasePolicy):
             ("temperature", temperature, temperature > 0, "> 0"),
             ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
             ("min_std", min_std, min_std >= 0, ">= 0"),
-        ):
-            if not valid:
-                raise ValueError(f"{name} must be {requirement}, got {value}")
+        )
         self.latent_dim, self.mlp_dim, self.enc_dim, self.num_q = latent_dim, mlp_dim, enc_dim, num_q
         self.gamma = gamma
         self.horizon = horizon

@@ -35,7 +35,7 @@ from sb3_tdmpc.common.buffers import PrioritizedReplayBuffer, SequenceSamples, c
 from sb3_tdmpc.common.nonfinite import NonFiniteTransitions, all_finite
 from sb3_tdmpc.envs.dmc import ensure_shimmy_envs
 from sb3_tdmpc.envs.wrappers import VecFlattenDictObservation, flatten_dict_observation, is_flattenable_dict
-from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy, min_q_of_policy
+from sb3_tdmpc.tdmpc.policies import CnnPolicy, MlpPolicy, TDMPCPolicy, check_settings, min_q_of_policy
 
 SelfTDMPC = TypeVar("SelfTDMPC", bound="TDMPC")
 
@@ -231,7 +231,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 "TDMPC does not support optimize_memory_usage=True: memory-optimised storage drops the final "
                 "observation of each episode, which TD-MPC's sequence losses need."
             )
-        for name, value, valid, requirement in (
+        check_settings(  # here, not after the seed phase
             ("horizon", horizon, isinstance(horizon, (int, np.integer)) and horizon >= 1, "an integer >= 1"),
             ("batch_size", batch_size, batch_size >= 1, ">= 1"),
             ("buffer_size", buffer_size, buffer_size >= 1, ">= 1"),
@@ -240,9 +240,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             ("rho", rho, 0 < rho <= 1, "in (0, 1]"),
             ("max_grad_norm", max_grad_norm, max_grad_norm > 0, "> 0 (the gradient norm clipped to)"),
             ("target_update_interval", target_update_interval, target_update_interval >= 1, ">= 1"),
-        ):
-            if not valid:  # here, not after the seed phase
-                raise ValueError(f"{name} must be {requirement}, got {value}")
+        )
         super().__init__(
             policy,
             env,  # type: ignore[arg-type]
@@ -338,8 +336,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             super()._setup_model()
         finally:
             self.policy_kwargs = policy_kwargs
-        if self.train_freq.frequency < 1:  # as SB3 parsed it
-            raise ValueError(f"train_freq must be >= 1 (steps or episodes), got {self.train_freq.frequency}")
+        frequency = self.train_freq.frequency  # as SB3 parsed it
+        check_settings(("train_freq", frequency, frequency >= 1, ">= 1 (steps or episodes)"))
         self._update_schedules()
 
     def _update_schedules(self) -> None:
@@ -400,9 +398,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             return  # a resumed run refilling its replay buffer (docs/reliability.md)
         self.policy.set_training_mode(True)
         self._update_learning_rate([self.policy.optimizer, self.policy.pi_optimizer])
-        learning_rate = self.policy.optimizer.param_groups[0][
-            "lr"
-        ]  # SB3 checks the schedule at progress 1 only
+        # SB3 checks the schedule at progress 1 only: check the rate it has just set.
+        learning_rate = self.policy.optimizer.param_groups[0]["lr"]
         if not np.isfinite(learning_rate) or learning_rate < 0:
             raise ValueError(
                 f"The learning rate schedule returned {learning_rate} at progress remaining "
