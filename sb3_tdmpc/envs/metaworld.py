@@ -20,7 +20,7 @@ from gymnasium import spaces
 from gymnasium.wrappers import TransformObservation
 from metaworld.env_dict import ALL_V3_ENVIRONMENTS
 
-from sb3_tdmpc.envs.wrappers import ActionRepeat, PixelObservation, check_task
+from sb3_tdmpc.envs.wrappers import ActionRepeat, CloseRendererAtExit, PixelObservation, check_task
 
 METAWORLD_TASKS: tuple[str, ...] = tuple(sorted(ALL_V3_ENVIRONMENTS))
 """Every Meta-World MT1 task name, sorted."""
@@ -167,6 +167,8 @@ def make_metaworld_env(
     bounds = base.sawyer_observation_space
 
     env = SeededReset(env)
+    if render_mode is not None:
+        env = CloseRendererAtExit(env)
     env = EpisodeSuccess(env)
     env = ActionRepeat(env, action_repeat)
     observation_space = spaces.Box(

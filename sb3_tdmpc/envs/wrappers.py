@@ -1,6 +1,7 @@
 """Environment wrappers shared by the suites: action repeat, pixel observations, Dict flattening.
 
 * :class:`ActionRepeat`: repeat each action and sum the rewards (TD-MPC's ``action_repeat``).
+* :class:`CloseRendererAtExit`: close a MuJoCo renderer left open before the interpreter exits.
 * :class:`PixelObservation`: replace the observation by the last ``frame_stack`` rendered RGB frames,
   channels-first and stacked along the channels (TD-MPC's pixel observations, ``(3k, 84, 84)`` uint8).
 * :class:`FlattenDictObservation` (one env) and :class:`VecFlattenDictObservation` (a VecEnv): a Dict of
@@ -9,9 +10,11 @@
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import math
 import numbers
+import weakref
 from collections import deque
 from collections.abc import Sequence
 from typing import Any, SupportsFloat
@@ -25,6 +28,7 @@ from stable_baselines3.common.vec_env.base_vec_env import VecEnvObs, VecEnvStepR
 
 __all__ = [
     "ActionRepeat",
+    "CloseRendererAtExit",
     "FlattenDictObservation",
     "PixelObservation",
     "VecFlattenDictObservation",
@@ -81,6 +85,44 @@ class ActionRepeat(gym.Wrapper, gym.utils.RecordConstructorArgs):
             if terminated or truncated:
                 break
         return obs, total_reward, terminated, truncated, info
+
+
+_open_renderers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _close_open_renderers() -> None:
+    for renderer in list(_open_renderers):
+        renderer.close()
+
+
+class CloseRendererAtExit(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """
+    Close the MuJoCo renderer of a gymnasium MuJoCo environment (``env.unwrapped.mujoco_renderer``) at
+    interpreter exit if it is still open, so that a script which never calls ``env.close()`` exits quietly.
+
+    MuJoCo's EGL backend terminates its display in an ``atexit`` hook, registered when its first GL
+    context is made; a renderer still alive then frees its context after that, and prints ``EGLError``
+    tracebacks. ``atexit`` runs the last registered hook first: this one is registered after a first
+    frame has been rendered, so after MuJoCo's, and closes the renderers before the display goes.
+
+    :param env: Environment whose ``unwrapped`` has a ``mujoco_renderer``
+    """
+
+    _hook_registered = False
+
+    def __init__(self, env: gym.Env) -> None:
+        gym.utils.RecordConstructorArgs.__init__(self)
+        gym.Wrapper.__init__(self, env)
+
+    def render(self) -> Any:
+        frame = self.env.render()
+        renderer = getattr(self.env.unwrapped, "mujoco_renderer", None)
+        if renderer is not None and renderer not in _open_renderers:
+            _open_renderers.add(renderer)
+            if not CloseRendererAtExit._hook_registered:
+                atexit.register(_close_open_renderers)
+                CloseRendererAtExit._hook_registered = True
+        return frame
 
 
 class PixelObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
