@@ -143,6 +143,22 @@ def test_resume_mid_episode_warns_and_closes_the_episode_as_a_timeout(tmp_path):
     assert rb.pos == 160 and resumed.num_timesteps == 160
 
 
+def test_resume_with_force_reset_false_continues_the_episode_where_it_is(tmp_path):
+    model = seed_phase_model()
+    model.learn(150)  # mid-episode
+    model.save(tmp_path / "model")
+    model.save_replay_buffer(tmp_path / "buffer")
+    env = model.get_env()
+    resumed = TDMPC.load(tmp_path / "model", env=env, force_reset=False)  # SB3: the env is not reset
+    resumed.load_replay_buffer(tmp_path / "buffer")
+    with pytest.warns(ResumeWarning, match="force_reset=False, the environments are not reset"):
+        resumed.learn(10, reset_num_timesteps=False)
+    assert env.get_attr("_elapsed_steps") == [160]  # the same episode, 10 steps on
+    rb = resumed.replay_buffer
+    assert rb.dones[149, 0] == 0 and rb.pos == 160  # the episode goes on in the buffer too
+    assert np.array_equal(rb.observations[150, 0], rb.next_observations[149, 0])
+
+
 def test_resume_without_the_replay_buffer_warns(tmp_path):
     model = seed_phase_model()
     model.learn(200)

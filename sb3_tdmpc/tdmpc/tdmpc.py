@@ -791,7 +791,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         """
         Put the loaded run back where it was saved: the envs reset from the RNG states their current
         episodes started from (checked against the saved observations), the saved observations, warm
-        start and rollout position. Where that is impossible, warn and let learn() reset the envs.
+        start and rollout position. Where that is impossible, warn and let learn() reset the envs (unless
+        loaded with ``force_reset=False``: then the envs continue from their current state, as in SB3).
 
         :return: The RNG states to restore once learn() is set up
         """
@@ -821,7 +822,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
                 self._refill_until = self._transitions_to_train()
                 problem += f"; updates pause until it holds {self._refill_until} transitions"
             problems.append(problem)
-        if not problems:
+        envs_reset = not problems
+        if envs_reset:
             checkpoint.set_env_rng_states(env, rngs)  # type: ignore[arg-type]
             # A reset through the VecEnv (and its wrappers), unseeded: a seed given to load() would
             # override the restored RNG states.
@@ -832,14 +834,28 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             if differ:
                 problems.append(f"environment(s) {differ} do not reproduce their reset from their RNG state")
         if problems:
+            # SB3's load(..., force_reset=False) keeps the saved observations: the envs are not to be reset.
+            keep_envs = not envs_reset and self._last_obs is not None and len(self._last_obs) == env.num_envs
+            then = (
+                "As loaded with force_reset=False, the environments are not reset: they continue from their "
+                "current state, which must be the saved one."
+                if keep_envs
+                else "The environments are reset, and episodes the replay buffer holds unfinished are closed "
+                "as time-outs."
+            )
             warnings.warn(
                 f"learn(reset_num_timesteps=False) continues the run saved at step {self.num_timesteps}, "
-                f"but not exactly: {'; '.join(problems)}. The environments are reset, and episodes the "
-                "replay buffer holds unfinished are closed as time-outs.",
+                f"but not exactly: {'; '.join(problems)}. {then}",
                 checkpoint.ResumeWarning,
                 stacklevel=5,
             )
-            self._last_obs = None  # type: ignore[assignment]
+            if not keep_envs:
+                self._last_obs = None  # type: ignore[assignment]
+            else:
+                if not self._holds_buffer_saved_at(state["buffer_position"]):
+                    self._close_open_episodes()  # they are not the envs' current episodes
+                self._last_original_obs = state["last_original_obs"]
+                self._plan_state = state["plan_state"]
         else:
             self._last_obs = last_obs
             self._last_original_obs = state["last_original_obs"]
