@@ -132,6 +132,16 @@ def test_warm_start_is_per_env_and_resets_at_episode_start():
     assert captured[-1] is None
 
 
+def test_policy_forward_plans_a_batch_from_scratch():
+    policy = TDMPCPolicy(spaces.Box(-1, 1, (3,)), spaces.Box(-1, 1, (2,)), lambda _: 1e-3, **TINY_POLICY)
+    policy.model = BanditModel([0.8, -0.5])
+    policy.planning_horizon, policy.std_floor = 3, 0.05
+    th.manual_seed(0)
+    actions = policy(th.zeros(4, 3), deterministic=True)
+    assert actions.shape == (4, 2) and not actions.requires_grad
+    assert th.allclose(actions, th.tensor([0.8, -0.5]).expand(4, 2), atol=0.1)  # the bandit's best action
+
+
 def test_mlp_policy_refuses_images():
     class PixelEnv(gym.Env):
         observation_space = spaces.Box(0, 255, (84, 84, 3), np.uint8)
@@ -159,6 +169,27 @@ def test_float64_observations_train_and_predict_as_float32():
     for obs in (np.zeros(3), [0.0, 0.0, 0.0], np.zeros(3, np.float16)):
         action, _ = model.predict(obs, deterministic=True)
         assert action.shape == (1,)
+
+
+def test_uint8_vector_observations_train_as_float32():
+    """A 1-D uint8 Box is a vector, not an image: sampled as float32 for the MLP, as predict casts it."""
+
+    class ByteSensors(gym.Env):
+        observation_space = spaces.Box(0, 255, (6,), np.uint8)
+        action_space = spaces.Box(-1, 1, (2,), np.float32)
+
+        def reset(self, *, seed=None, options=None):
+            super().reset(seed=seed)
+            return self.np_random.integers(0, 256, 6, dtype=np.uint8), {}
+
+        def step(self, action):
+            obs = self.np_random.integers(0, 256, 6, dtype=np.uint8)
+            return obs, -float(np.sum(action**2)), False, False, {}
+
+    model = TDMPC("MlpPolicy", ByteSensors(), seed=0, **{**TINY, "learning_starts": 20})
+    model.learn(30)
+    assert model._n_updates > 0
+    assert model.replay_buffer.sample_sequences(4, 3).observations.dtype == th.float32
 
 
 def test_predict_refuses_non_finite_observations():
@@ -285,6 +316,22 @@ def test_save_load_gives_same_parameters_and_actions(tmp_path):
     th.manual_seed(1)
     a2, _ = loaded.predict(obs, deterministic=True)
     np.testing.assert_array_equal(a1, a2)
+
+
+def test_planner_settings_set_on_the_model_take_effect():
+    """As SAC's hyperparameters: model.num_samples = ... plans with it from the next predict or step on."""
+    model = TDMPC("Pendulum-v1", seed=0, **TINY)
+    model.num_samples, model.temperature, model.gamma = 40, 2.0, 0.9
+    model.predict(np.zeros(3, np.float32))
+    policy = model.policy
+    assert (policy.num_samples, policy.temperature, policy.gamma) == (40, 2.0, 0.9)
+    assert policy.num_policy_trajectories == 2  # policy_fraction 0.05 of 40
+    model.planning_iterations = 3
+    model.learn(2)
+    assert policy.planning_iterations == 3
+    model.num_elites = 41
+    with pytest.raises(ValueError, match=r"num_elites \(41\) must not exceed num_samples \(40\)"):
+        model.predict(np.zeros(3, np.float32))
 
 
 def test_load_keyword_arguments_set_the_planner(tmp_path):

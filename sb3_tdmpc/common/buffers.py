@@ -8,6 +8,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.vec_env import VecNormalize
 
 
@@ -322,7 +323,9 @@ class PrioritizedReplayBuffer(ReplayBuffer):
             axis=0,
         )
         observations = self._normalize_obs(observations, env)
-        if observations.dtype != np.uint8:  # images stay uint8 (4x less to move); the encoder converts
+        # Images stay uint8 (4x less to move; the encoder converts them); anything else, a uint8 vector
+        # too, is float32, as SB3's preprocessing gives it to predict.
+        if observations.dtype != np.uint8 or not is_image_space(self.observation_space):
             observations = observations.astype(np.float32, copy=False)
         rewards = self._normalize_reward(self._gather(self.rewards, flat)[..., None], env)
 

@@ -501,31 +501,24 @@ class TDMPCPolicy(BasePolicy):
             normalize_images=False,
         )
         self.check_observation_space(observation_space)
-        if num_elites > num_samples:
-            raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
         check_settings(
             ("latent_dim", latent_dim, latent_dim >= 1, ">= 1"),
             ("mlp_dim", mlp_dim, mlp_dim >= 1, ">= 1"),
             ("enc_dim", enc_dim, enc_dim >= 1, ">= 1"),
             ("num_q", num_q, num_q >= 1, ">= 1"),
-            ("planning_iterations", planning_iterations, planning_iterations >= 1, ">= 1"),
-            ("num_elites", num_elites, num_elites >= 1, ">= 1"),
-            ("policy_fraction", policy_fraction, 0 <= policy_fraction <= 1, "in [0, 1]"),
-            ("temperature", temperature, temperature > 0, "> 0"),
-            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
-            ("min_std", min_std, min_std >= 0, ">= 0"),
         )
         self.latent_dim, self.mlp_dim, self.enc_dim, self.num_q = latent_dim, mlp_dim, enc_dim, num_q
-        self.gamma = gamma
-        self.horizon = horizon
-        self.planning_iterations = planning_iterations
-        self.num_samples = num_samples
-        self.num_elites = num_elites
-        self.policy_fraction = policy_fraction
-        self.num_policy_trajectories = int(policy_fraction * num_samples)
-        self.temperature = temperature
-        self.momentum = momentum
-        self.min_std = min_std
+        self.set_planner(
+            gamma=gamma,
+            horizon=horizon,
+            planning_iterations=planning_iterations,
+            num_samples=num_samples,
+            num_elites=num_elites,
+            policy_fraction=policy_fraction,
+            temperature=temperature,
+            momentum=momentum,
+            min_std=min_std,
+        )
         self.max_std = max_std
         # Scheduled by TDMPC from its step count; until then, its defaults' values at step 0.
         self.planning_horizon = 1
@@ -559,6 +552,41 @@ class TDMPCPolicy(BasePolicy):
             optimizer_kwargs["fused"] = True
         self.optimizer = self.optimizer_class(model_params, lr=lr, **optimizer_kwargs)
         self.pi_optimizer = self.optimizer_class(self.model.pi_net.parameters(), lr=lr, **optimizer_kwargs)
+
+    def set_planner(
+        self,
+        *,
+        gamma: float,
+        horizon: int,
+        planning_iterations: int,
+        num_samples: int,
+        num_elites: int,
+        policy_fraction: float,
+        temperature: float,
+        momentum: float,
+        min_std: float,
+    ) -> None:
+        """Set the planner's settings (the constructor's arguments of those names); refuse invalid ones."""
+        if num_elites > num_samples:
+            raise ValueError(f"num_elites ({num_elites}) must not exceed num_samples ({num_samples})")
+        check_settings(
+            ("planning_iterations", planning_iterations, planning_iterations >= 1, ">= 1"),
+            ("num_elites", num_elites, num_elites >= 1, ">= 1"),
+            ("policy_fraction", policy_fraction, 0 <= policy_fraction <= 1, "in [0, 1]"),
+            ("temperature", temperature, temperature > 0, "> 0"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("min_std", min_std, min_std >= 0, ">= 0"),
+        )
+        self.gamma = gamma
+        self.horizon = horizon
+        self.planning_iterations = planning_iterations
+        self.num_samples = num_samples
+        self.num_elites = num_elites
+        self.policy_fraction = policy_fraction
+        self.num_policy_trajectories = int(policy_fraction * num_samples)
+        self.temperature = temperature
+        self.momentum = momentum
+        self.min_std = min_std
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -742,6 +770,18 @@ class TDMPCPolicy(BasePolicy):
         mean = self.momentum * mean + (1 - self.momentum) * new_mean
         std = new_std.clamp(min=std_floor).clamp(max=self.max_std)
         return mean, std, score, elite_actions
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> th.Tensor:
+        """
+        Planned actions for a batch of (preprocessed) observations, as SB3 policies' ``forward``: each
+        plan from scratch (``predict`` carries the warm start), never differentiated.
+
+        :param obs: Observations ``[E, *observation_shape]``, float32
+        :param deterministic: Plan without exploration noise
+        :return: Actions in [-1, 1] ``[E, A]``
+        """
+        with th.no_grad():
+            return self._predict(obs, deterministic)
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         actions, _ = self.plan(observation, explore=not deterministic)  # type: ignore[arg-type]

@@ -340,8 +340,17 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         check_settings(("train_freq", frequency, frequency >= 1, ">= 1 (steps or episodes)"))
         self._update_schedules()
 
+    def _set_planner(self) -> None:
+        """
+        Give the policy the planner's settings: TDMPC's attributes, as SB3's hyperparameters, so that
+        ``model.num_samples = 64`` plans with 64 samples from the next step or ``predict`` on.
+        """
+        self.policy.set_planner(**{key: getattr(self, key) for key in PLANNER_SETTINGS})
+
     def _update_schedules(self) -> None:
-        """Set the planner's horizon and std floor from the number of environment steps taken."""
+        """The planner's settings (``_set_planner``), and its horizon and std floor from the number of
+        environment steps taken."""
+        self._set_planner()
         step = self.num_timesteps
         self.policy.std_floor = linear_schedule(
             self.exploration_initial_std, self.exploration_final_std, self.exploration_decay_steps, step
@@ -659,6 +668,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         # A raw env's Dict observation, flattened as the training env's were.
         if isinstance(observation, dict) and self.dict_observation_space is not None:
             observation = flatten_dict_observation(self.dict_observation_space, observation)
+        self._set_planner()
         return super().predict(observation, state, episode_start, deterministic)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
