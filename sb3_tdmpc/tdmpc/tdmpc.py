@@ -348,8 +348,10 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         self.policy.set_planner(**{key: getattr(self, key) for key in PLANNER_SETTINGS})
 
     def _update_schedules(self) -> None:
-        """The planner's settings (``_set_planner``), and its horizon and std floor from the number of
-        environment steps taken."""
+        """
+        Give the policy the planner's settings (``_set_planner``), and set its horizon and std floor from
+        the number of environment steps taken.
+        """
         self._set_planner()
         step = self.num_timesteps
         self.policy.std_floor = linear_schedule(
