@@ -102,13 +102,11 @@ class CloseRendererAtExit(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     MuJoCo's EGL backend terminates its display in an ``atexit`` hook, registered when its first GL
     context is made; a renderer still alive then frees its context after that, and prints ``EGLError``
-    tracebacks. ``atexit`` runs the last registered hook first: this one is registered after a first
-    frame has been rendered, so after MuJoCo's, and closes the renderers before the display goes.
+    tracebacks. ``atexit`` runs the last registered hook first: this one is (re-)registered after each
+    new renderer's first frame, so after MuJoCo's, and closes the renderers before the display goes.
 
     :param env: Environment whose ``unwrapped`` has a ``mujoco_renderer``
     """
-
-    _hook_registered = False
 
     def __init__(self, env: gym.Env) -> None:
         gym.utils.RecordConstructorArgs.__init__(self)
@@ -119,9 +117,8 @@ class CloseRendererAtExit(gym.Wrapper, gym.utils.RecordConstructorArgs):
         renderer = getattr(self.env.unwrapped, "mujoco_renderer", None)
         if renderer is not None and renderer not in _open_renderers:
             _open_renderers.add(renderer)
-            if not CloseRendererAtExit._hook_registered:
-                atexit.register(_close_open_renderers)
-                CloseRendererAtExit._hook_registered = True
+            atexit.unregister(_close_open_renderers)
+            atexit.register(_close_open_renderers)
         return frame
 
 
