@@ -319,16 +319,16 @@ def test_save_load_gives_same_parameters_and_actions(tmp_path):
 
 
 def test_planner_settings_set_on_the_model_take_effect():
-    """As SAC's hyperparameters: model.num_samples = ... plans with it from the next predict or step on."""
+    """As SAC's hyperparameters: model.num_samples = ... plans with it from the next predict on."""
     model = TDMPC("Pendulum-v1", seed=0, **TINY)
     model.num_samples, model.temperature, model.gamma = 40, 2.0, 0.9
     model.predict(np.zeros(3, np.float32))
     policy = model.policy
     assert (policy.num_samples, policy.temperature, policy.gamma) == (40, 2.0, 0.9)
     assert policy.num_policy_trajectories == 2  # policy_fraction 0.05 of 40
-    model.planning_iterations = 3
-    model.learn(2)
-    assert policy.planning_iterations == 3
+    model.planning_iterations, model.min_std = 3, 0.2
+    model.learn(TINY["learning_starts"] + 2)  # training plans through predict
+    assert policy.planning_iterations == 3 and policy.min_std == 0.2
     model.num_elites = 41
     with pytest.raises(ValueError, match=r"num_elites \(41\) must not exceed num_samples \(40\)"):
         model.predict(np.zeros(3, np.float32))

@@ -340,19 +340,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         check_settings(("train_freq", frequency, frequency >= 1, ">= 1 (steps or episodes)"))
         self._update_schedules()
 
-    def _set_planner(self) -> None:
-        """
-        Give the policy the planner's settings: TDMPC's attributes, as SB3's hyperparameters, so that
-        ``model.num_samples = 64`` plans with 64 samples from the next step or ``predict`` on.
-        """
-        self.policy.set_planner(**{key: getattr(self, key) for key in PLANNER_SETTINGS})
-
     def _update_schedules(self) -> None:
-        """
-        Give the policy the planner's settings (``_set_planner``), and set its horizon and std floor from
-        the number of environment steps taken.
-        """
-        self._set_planner()
+        """Set the planner's horizon and std floor from the number of environment steps taken."""
         step = self.num_timesteps
         self.policy.std_floor = linear_schedule(
             self.exploration_initial_std, self.exploration_final_std, self.exploration_decay_steps, step
@@ -515,7 +504,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         with th.no_grad():
             # TD-MPC bootstraps from the online encoder and policy, and the target Q.
             next_z = model.encode(obs[1:])
-            next_q = min_q_of_policy(model, target.q, next_z, policy.min_std)
+            next_q = min_q_of_policy(model, target.q, next_z, self.min_std)
             td_target = rewards + self.gamma * (1.0 - terminals) * next_q
             consistency_target = policy.target_encode(obs[1:])
 
@@ -575,7 +564,7 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         model = self.policy.model
         # z_0 is always valid; z_{t+1} is valid where transition t is.
         valid = th.cat([th.ones_like(masks[:1]), masks])
-        q = min_q_of_policy(model, model.q, latents, self.policy.min_std)
+        q = min_q_of_policy(model, model.q, latents, self.min_std)
         return -(self._rho_powers(len(latents), like=latents) * valid * q).sum(0).mean()
 
     def _rho_powers(self, length: int, like: th.Tensor) -> th.Tensor:
@@ -670,7 +659,9 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
         # A raw env's Dict observation, flattened as the training env's were.
         if isinstance(observation, dict) and self.dict_observation_space is not None:
             observation = flatten_dict_observation(self.dict_observation_space, observation)
-        self._set_planner()
+        # The planner's settings are TDMPC's attributes, as SB3's hyperparameters: model.num_samples = 64
+        # plans with 64 samples from here on (training plans through predict too; its losses read them here).
+        self.policy.set_planner(**{key: getattr(self, key) for key in PLANNER_SETTINGS})
         return super().predict(observation, state, episode_start, deterministic)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
@@ -828,7 +819,8 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             problems.append("it was saved after learn() had stopped on an exception, possibly mid-step")
         if self._vec_normalize_env is not None:  # a reset here would also move its running statistics
             problems.append("the environments are wrapped in VecNormalize, whose state the model lacks")
-        if not self._holds_buffer_saved_at(state["buffer_position"]):
+        own_buffer = self._holds_buffer_saved_at(state["buffer_position"])
+        if not own_buffer:
             problem = "the replay buffer is not the one saved with the checkpoint (see load_replay_buffer)"
             if self._stored_transitions() < self._transitions_to_train():
                 self._refill_until = self._transitions_to_train()
@@ -863,16 +855,14 @@ class TDMPC(NonFiniteTransitions, OffPolicyAlgorithm):
             )
             if not keep_envs:
                 self._last_obs = None  # type: ignore[assignment]
-            else:
-                if not self._holds_buffer_saved_at(state["buffer_position"]):
-                    self._close_open_episodes()  # they are not the envs' current episodes
-                self._last_original_obs = state["last_original_obs"]
-                self._plan_state = state["plan_state"]
+                return state["rng"]
+            if not own_buffer:
+                self._close_open_episodes()  # they are not the envs' current episodes
         else:
-            self._last_obs = last_obs
-            self._last_original_obs = state["last_original_obs"]
-            self._plan_state = state["plan_state"]
             self._rollout_resume = tuple(state["rollout_progress"])
+        self._last_obs = last_obs
+        self._last_original_obs = state["last_original_obs"]
+        self._plan_state = state["plan_state"]
         return state["rng"]
 
     def _close_open_episodes(self) -> None:
